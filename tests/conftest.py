@@ -1,0 +1,163 @@
+"""Shared test fixtures: a fake upstream and a real daemon on loopback ports.
+
+Client classes used throughout (see running_daemon's config):
+  127.0.0.x   managed (the policy applies)      127.0.1.x   served, unmanaged (BYOD)
+  127.2.0.1   not in allow_clients (REFUSED)    127.0.0.20  allowlisted device (when added)
+  127.0.0.53  trusted relay for the EDNS0 MAC option
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dns.asyncquery
+import dns.edns
+import dns.message
+import dns.rdatatype
+import pytest
+
+from tests.fakes import FakeUpstream
+from tiktokguard.config import load_config
+from tiktokguard.daemon import Daemon
+from tiktokguard.policy.clients import DeviceIndex
+
+MANAGED = "127.0.0.5"
+UNMANAGED = "127.0.1.5"
+OUTSIDER = "127.2.0.1"
+DEVICE_IP = "127.0.0.20"
+RELAY = "127.0.0.53"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP right now."""
+    for _ in range(50):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.bind((host, 0))
+            port = udp.getsockname()[1]
+            with socket.socket(family, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((host, port))
+                except OSError:
+                    continue
+                return int(port)
+    raise RuntimeError("no free port")
+
+
+@dataclass
+class Running:
+    daemon: Daemon
+    port: int
+    http_port: int | None
+    config_path: Path
+
+    async def ask(self, name: str, rdtype: str = "A", source: str = MANAGED, tcp: bool = False,
+                  use_edns: bool = True, options: list[Any] | None = None, payload: int = 1232,
+                  timeout: float = 3.0) -> dns.message.Message:
+        q = dns.message.make_query(name, rdtype, use_edns=0 if use_edns else False,
+                                   payload=payload, options=options or [])
+        if tcp:
+            return await dns.asyncquery.tcp(q, "127.0.0.1", port=self.port, source=source,
+                                            timeout=timeout)
+        return await dns.asyncquery.udp(q, "127.0.0.1", port=self.port, source=source,
+                                        timeout=timeout, ignore_trailing=False)
+
+    @property
+    def metrics(self) -> Any:
+        return self.daemon.metrics
+
+
+def write_config(tmp_path: Path, upstreams: list[str], port: int, http_port: int | None,
+                 extra: str = "") -> Path:
+    upstream_list = ", ".join(f'"{u}"' for u in upstreams)
+    http = f'"127.0.0.1:{http_port}"' if http_port else '""'
+    text = f"""
+[dns]
+listen = ["127.0.0.1:{port}"]
+upstreams = [{upstream_list}]
+upstream_timeout_ms = 300
+allow_clients = ["127.0.0.0/15", "::1/128"]
+cache_size = 1000
+
+[policy]
+managed_networks = ["127.0.0.0/24", "::1/128"]
+edns_mac_trusted_relays = ["{RELAY}/32"]
+
+[http]
+listen = {http}
+
+[state]
+dir = "state"
+"""
+    path = tmp_path / "tiktokguard.toml"
+    path.write_text(_merge(text, extra))
+    return path
+
+
+def _merge(base: str, extra: str) -> str:
+    """Add extra `key = value` lines to their [section] of base, replacing same-named keys."""
+    if not extra.strip():
+        return base
+    lines = base.splitlines()
+    section = None
+    for raw in extra.strip().splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            section = line
+            if section not in lines:
+                lines.append(section)
+            continue
+        key = line.split("=", 1)[0].strip()
+        start = lines.index(section) if section else 0
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")),
+                   len(lines))
+        for i in range(start + 1, end):
+            if lines[i].split("=", 1)[0].strip() == key:
+                lines[i] = line
+                break
+        else:
+            lines.insert(end, line)
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(tmp_path: Path, upstreams: list[str], extra: str = "",
+                         devices: DeviceIndex | None = None, http: bool = False,
+                         clock: Callable[[], float] | None = None) -> AsyncIterator[Running]:
+    port = free_port()
+    http_port = free_port() if http else None
+    path = write_config(tmp_path, upstreams, port, http_port, extra)
+    config = load_config(path)
+    daemon = Daemon(config, devices=devices, **({'clock': clock} if clock else {}))
+    async with contextlib.AsyncExitStack() as stack:
+        await daemon.start(stack)
+        yield Running(daemon, port, http_port, path)
+        await daemon.server.drain(2)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = await FakeUpstream().start()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+async def tg(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Running]:
+    async with running_daemon(tmp_path, [upstream.address]) as running:
+        yield running
+
+
+def ede_codes(message: dns.message.Message) -> list[int]:
+    return [o.code for o in message.options if isinstance(o, dns.edns.EDEOption)]
+
+
+def value(metric: Any, **labels: str) -> float:
+    """The current value of a counter child (or a plain counter)."""
+    target = metric.labels(**labels) if labels else metric
+    return float(target._value.get())

@@ -1,0 +1,140 @@
+"""An in-process upstream DNS server for tests (UDP and TCP on loopback), built with dnslib.
+
+Names it knows (under the zone `test.`):
+  a.test / *.a.test   A 192.0.2.1 (TTL 300), AAAA 2001:db8::1
+  cname-tiktok.test   CNAME edge.tiktokcdn.com., which has A 192.0.2.66
+  cname-ok.test       CNAME a.test.
+  big.test            40 TXT records (too big for 512-byte UDP)
+  tc.test             UDP answers have TC set; TCP answers are complete
+  servfail.test       SERVFAIL
+  timeout.test        never answered
+  spoof.test          first a reply with a wrong ID, then the right one
+  nodata.test         NOERROR with no answer and a SOA (TTL 120, minimum 60)
+anything else: NXDOMAIN with SOA (TTL 120, minimum 60).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import dataclass, field
+
+from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
+
+
+@dataclass
+class FakeUpstream:
+    host: str = "127.0.0.1"
+    port: int = 0
+    answer_a: str = "192.0.2.1"
+    received: list[bytes] = field(default_factory=list)
+    tcp_received: list[bytes] = field(default_factory=list)
+    sources: list[tuple[str, int]] = field(default_factory=list)
+    silent: bool = False  # answer nothing at all (a dead upstream)
+    servfail_all: bool = False
+    _udp: asyncio.DatagramTransport | None = None
+    _tcp: asyncio.Server | None = None
+
+    def count(self, name: str) -> int:
+        """How many queries for name (any type, any transport) arrived."""
+        name = name.lower().rstrip(".") + "."
+        n = 0
+        for wire in self.received + self.tcp_received:
+            if str(DNSRecord.parse(wire).q.qname).lower() == name:
+                n += 1
+        return n
+
+    def answer(self, wire: bytes, tcp: bool) -> list[bytes]:
+        query = DNSRecord.parse(wire)
+        reply = query.reply()
+        name = str(query.q.qname).lower().rstrip(".")
+        qtype = query.q.qtype
+        soa = RR("test.", QTYPE.SOA, ttl=120,
+                 rdata=SOA("ns.test.", "root.test.", (1, 3600, 600, 86400, 60)))
+        if self.servfail_all or name == "servfail.test":
+            reply.header.rcode = RCODE.SERVFAIL
+        elif name == "timeout.test":
+            return []
+        elif name == "a.test" or name.endswith(".a.test"):
+            if qtype in (QTYPE.A, QTYPE.ANY):
+                reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=300, rdata=A(self.answer_a)))
+            if qtype in (QTYPE.AAAA, QTYPE.ANY):
+                reply.add_answer(RR(query.q.qname, QTYPE.AAAA, ttl=300,
+                                    rdata=AAAA("2001:db8::1")))
+            if not reply.rr:
+                reply.add_auth(soa)
+        elif name == "cname-tiktok.test":
+            reply.add_answer(RR(query.q.qname, QTYPE.CNAME, ttl=300,
+                                rdata=CNAME("edge.tiktokcdn.com.")))
+            reply.add_answer(RR("edge.tiktokcdn.com.", QTYPE.A, ttl=60, rdata=A("192.0.2.66")))
+        elif name == "cname-ok.test":
+            reply.add_answer(RR(query.q.qname, QTYPE.CNAME, ttl=300, rdata=CNAME("a.test.")))
+            reply.add_answer(RR("a.test.", QTYPE.A, ttl=300, rdata=A(self.answer_a)))
+        elif name == "big.test":
+            for i in range(40):
+                reply.add_answer(RR(query.q.qname, QTYPE.TXT, ttl=300,
+                                    rdata=TXT(f"record {i:02d} " + "x" * 20)))
+        elif name == "tc.test":
+            if tcp:
+                reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=300, rdata=A("192.0.2.7")))
+            else:
+                reply.header.tc = 1
+        elif name == "spoof.test":
+            reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=300, rdata=A("192.0.2.9")))
+            fake = DNSRecord.parse(reply.pack())
+            fake.header.id = (query.header.id + 1) & 0xFFFF
+            fake.rr[0].rdata = A("203.0.113.66")
+            return [fake.pack(), reply.pack()]
+        elif name == "nodata.test":
+            reply.add_auth(soa)
+        else:
+            reply.header.rcode = RCODE.NXDOMAIN
+            reply.add_auth(soa)
+        return [reply.pack()]
+
+    async def start(self) -> FakeUpstream:
+        loop = asyncio.get_running_loop()
+        upstream = self
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                upstream.received.append(data)
+                upstream.sources.append(addr)
+                if upstream.silent:
+                    return
+                for wire in upstream.answer(data, tcp=False):
+                    self.transport.sendto(wire, addr)  # type: ignore[attr-defined]
+
+        async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    length = struct.unpack("!H", await reader.readexactly(2))[0]
+                    data = await reader.readexactly(length)
+                    upstream.tcp_received.append(data)
+                    if upstream.silent:
+                        continue
+                    for wire in upstream.answer(data, tcp=True):
+                        writer.write(struct.pack("!H", len(wire)) + wire)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        self._udp, _ = await loop.create_datagram_endpoint(
+            Udp, local_addr=(self.host, self.port))
+        self.port = self._udp.get_extra_info("sockname")[1]
+        self._tcp = await asyncio.start_server(tcp, self.host, self.port)
+        return self
+
+    def close(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

@@ -1,0 +1,5 @@
+import sys
+
+from tiktokguard.cli import main
+
+sys.exit(main())

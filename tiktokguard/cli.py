@@ -1,0 +1,122 @@
+"""Command line (DESIGN §3): `tiktokguard serve` and `tiktokguard check`.
+
+Exit status: 0 success (for `check`: the name would be resolved), 1 `check` says blocked or
+refused, 2 bad usage or configuration (nothing was bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import sys
+import time
+from collections.abc import Sequence
+
+from tiktokguard.config import Config, ConfigError, Overrides, load_config
+from tiktokguard.policy.domains import ListError
+from tiktokguard.policy.engine import Verdict
+
+EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiktokguard",
+        description="DNS enforcement daemon: TikTok and ByteDance denied to managed devices.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the DNS resolver and the HTTP API")
+    serve.add_argument("--config", help="TOML config file (default: the embedded default)")
+    serve.add_argument("--dns-listen", action="append", default=[], metavar="HOST:PORT",
+                       help="DNS address (UDP and TCP); repeatable; replaces [dns] listen")
+    serve.add_argument("--http-listen", metavar="HOST:PORT",
+                       help='HTTP address; "" turns HTTP off; replaces [http] listen')
+    serve.add_argument("--upstream", action="append", default=[], metavar="HOST[:PORT]",
+                       help="upstream resolver; repeatable; replaces [dns] upstreams")
+    serve.add_argument("--state-dir", metavar="DIR", help="state folder; replaces [state] dir")
+    serve.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                       help="log format (auto: console on a terminal, JSON otherwise)")
+
+    check = sub.add_parser("check", help="show how a name would be decided for a client")
+    check.add_argument("name", help="the query name, e.g. www.tiktok.com")
+    check.add_argument("--client", metavar="IP",
+                       help="client address (default: one in the first managed network)")
+    check.add_argument("--config", help="TOML config file (default: the embedded default)")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"tiktokguard: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _default_client(config: Config) -> str:
+    if not config.policy.managed_networks:
+        return "127.0.0.1"
+    network = config.policy.managed_networks[0]
+    return str(network.network_address + (1 if network.num_addresses > 1 else 0))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from tiktokguard.daemon import build_engine
+
+    try:
+        config = load_config(args.config)
+        engine = build_engine(config)
+    except (ConfigError, ListError) as exc:
+        return _fail(str(exc))
+    client = args.client or _default_client(config)
+    try:
+        ipaddress.ip_address(client)
+    except ValueError:
+        return _fail(f"--client: {client!r} is not an IP address")
+    try:
+        decision = engine.decide_text(client, args.name, time.time())
+    except ValueError as exc:
+        return _fail(f"invalid name {args.name!r}: {exc}")
+    print(f"{decision.verdict.value}\tclient={client} ({decision.client_class.value})"
+          f"\trule={decision.rule or '-'}")
+    blocked = decision.verdict in (Verdict.BLOCKED, Verdict.REFUSED)
+    return EXIT_BLOCKED if blocked else EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tiktokguard import logs
+    from tiktokguard.daemon import Daemon
+
+    overrides = Overrides(dns_listen=tuple(args.dns_listen), http_listen=args.http_listen,
+                          upstreams=tuple(args.upstream), state_dir=args.state_dir)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logs.configure(json={"auto": None, "json": True, "console": False}[args.log_format])
+    try:
+        daemon = Daemon(config)
+    except ListError as exc:
+        return _fail(str(exc))
+    try:
+        import uvloop
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(daemon.run())
+    except OSError as exc:
+        return _fail(str(exc.strerror or exc))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    return cmd_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

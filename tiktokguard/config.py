@@ -1,0 +1,408 @@
+"""Configuration: TOML (DESIGN §3) into validated, frozen dataclasses. Every key has a default.
+
+Parsing is separate from behaviour: `load_config` turns a file plus CLI overrides into a `Config`
+or raises `ConfigError` with one message naming the key and the file, before anything is bound.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tiktokguard.policy.clients import IPNetwork
+
+BUNDLED_LISTS = Path(__file__).resolve().parent / "blocklists"
+_REPO_LISTS = Path(__file__).resolve().parent.parent / "blocklists"  # editable installs
+DEFAULT_BLOCKLIST = "blocklists/tiktok-bytedance.txt"
+BLOCK_MODES = ("nxdomain", "null", "refused", "redirect")
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is the one message the CLI prints."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 5353),)
+    """Addresses to answer on, UDP and TCP on each."""
+    upstreams: tuple[HostPort, ...] = ()
+    """Upstream resolvers, tried in order of health; empty: the nameservers of /etc/resolv.conf."""
+    upstream_timeout_ms: int = 1500
+    """How long one upstream may take before the next is tried."""
+    allow_clients: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in LOOPBACK)
+    """Clients we answer at all; anyone else gets REFUSED (no open resolver)."""
+    cache_size: int = 100_000
+    """Most answers kept in the cache (least recently used go first)."""
+    tcp_idle_timeout_ms: int = 10_000
+    """A TCP connection with no query in flight for this long is closed (RFC 7766 §6.2.3)."""
+    max_tcp_connections: int = 1000
+    """Open TCP connections at most, over all listeners; more are closed at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    managed_networks: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in LOOPBACK)
+    """University-managed devices live here: the policy applies to them."""
+    blocklists: tuple[Path, ...] = ()
+    """List files (domains, hosts or ||name^ lines); relative paths from the config's folder."""
+    block_mode: str = "nxdomain"
+    """How a blocked name is answered: nxdomain | null | refused | redirect."""
+    block_ttl: int = 300
+    """TTL of block answers and of their synthetic SOA (how long clients cache them)."""
+    bypass_countermeasures: bool = True
+    """Answer the DoH canary, iCloud Private Relay and resolver.arpa so managed clients stay."""
+    edns_mac_trusted_relays: tuple[IPNetwork, ...] = ()
+    """Relays whose EDNS0 MAC option (65001) is believed."""
+    redirect_ipv4: str | None = None
+    """A answer for block_mode = "redirect" (e.g. a page explaining the policy)."""
+    redirect_ipv6: str | None = None
+    """AAAA answer for block_mode = "redirect"."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    role: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: HostPort | None = HostPort("127.0.0.1", 8053)
+    """The HTTP API, health and metrics listener; "" turns it off."""
+    tokens: dict[str, TokenConfig] = field(default_factory=dict)
+    """API tokens by name: role admin or viewer, and the SHA-256 of the token."""
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentsConfig:
+    window_seconds: int = 600
+    """One incident per (client, rule) per window."""
+    webhook_url: str = ""
+    """Optional: POST each new incident as JSON."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    dir: Path = Path("tiktokguard-state")
+    """Where the SQLite state and the generated admin token live."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    dns: DnsConfig = DnsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    http: HttpConfig = HttpConfig()
+    incidents: IncidentsConfig = IncidentsConfig()
+    state: StateConfig = StateConfig()
+    source: str = "<embedded default>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Value parsers: each raises ValueError with a reason; the caller adds key and file.
+
+
+def parse_hostport(text: Any, default_port: int | None = None) -> HostPort:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("expected a string HOST:PORT")
+    text = text.strip()
+    host, port_text = text, None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"unclosed '[' in {text!r}")
+        host = text[1:close]
+        rest = text[close + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"expected ':PORT' after ']' in {text!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"missing port in {text!r} (HOST:PORT, [IPv6]:PORT)")
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"invalid port {port_text!r} (1-65535)")
+    return HostPort(host, int(port_text))
+
+
+def parse_network(text: Any) -> IPNetwork:
+    if not isinstance(text, str):
+        raise ValueError("expected a string IP or CIDR")
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or CIDR") from None
+
+
+def _ip_text(version: int) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+        if address.version != version:
+            raise ValueError(f"{value!r} is not an IPv{version} address")
+        return str(address)
+    return parse
+
+
+def _int_in(low: int, high: float) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"{value} is out of range ({low}..{high:g})")
+        return value
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return str(value)
+    return parse
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
+    def parse(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise ValueError("expected a list")
+        out = []
+        for index, element in enumerate(value):
+            try:
+                out.append(item(element))
+            except ValueError as exc:
+                raise ValueError(f"[{index}]: {exc}") from None
+        return tuple(out)
+    return parse
+
+
+def _http_listen(value: Any) -> HostPort | None:
+    if value == "":
+        return None
+    return parse_hostport(value)
+
+
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+def _tokens(value: Any) -> dict[str, TokenConfig]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a table of tokens")
+    out = {}
+    for name, spec in value.items():
+        if not _TOKEN_NAME.match(name):
+            raise ValueError(f".{name}: token names are 1-64 letters, digits or _.@-")
+        if not isinstance(spec, dict) or set(spec) != {"role", "sha256"}:
+            raise ValueError(f".{name}: expected exactly the keys role and sha256")
+        if spec["role"] not in ("admin", "viewer"):
+            raise ValueError(f".{name}.role: expected admin or viewer, got {spec['role']!r}")
+        digest = spec["sha256"]
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ValueError(f".{name}.sha256: expected 64 hex digits")
+        out[name] = TokenConfig(spec["role"], digest.lower())
+    return out
+
+
+_SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
+    "dns": (DnsConfig, {
+        "listen": _list_of(parse_hostport),
+        "upstreams": _list_of(lambda v: parse_hostport(v, default_port=53)),
+        "upstream_timeout_ms": _int_in(10, 60_000),
+        "allow_clients": _list_of(parse_network),
+        "cache_size": _int_in(0, 10_000_000),
+        "tcp_idle_timeout_ms": _int_in(100, 600_000),
+        "max_tcp_connections": _int_in(1, 1_000_000),
+    }),
+    "policy": (PolicyConfig, {
+        "managed_networks": _list_of(parse_network),
+        "blocklists": _list_of(_string),
+        "block_mode": _choice(BLOCK_MODES),
+        "block_ttl": _int_in(0, 604_800),
+        "bypass_countermeasures": _bool,
+        "edns_mac_trusted_relays": _list_of(parse_network),
+        "redirect_ipv4": _ip_text(4),
+        "redirect_ipv6": _ip_text(6),
+    }),
+    "http": (HttpConfig, {"listen": _http_listen, "tokens": _tokens}),
+    "incidents": (IncidentsConfig, {
+        "window_seconds": _int_in(1, 86_400 * 7),
+        "webhook_url": _string,
+    }),
+    "state": (StateConfig, {"dir": _string}),
+}
+
+
+def _section(name: str, raw: Any, source: str) -> dict[str, Any]:
+    parsers = _SECTIONS[name][1]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        parser = parsers.get(key)
+        if parser is None:
+            known = ", ".join(parsers)
+            raise ConfigError(f"{source}: unknown key [{name}] {key} (known: {known})")
+        try:
+            values[key] = parser(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [{name}] {key}: {exc}") from None
+    return values
+
+
+def resolve_list_path(entry: str, base: Path) -> Path | None:
+    """A list path as written in config: relative to the config's folder, else a bundled list."""
+    path = Path(entry).expanduser()
+    if path.is_absolute():
+        return path if path.is_file() else None
+    for root in (base, BUNDLED_LISTS.parent, _REPO_LISTS.parent):
+        candidate = root / path
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
+
+
+def resolv_conf_upstreams(path: Path = Path("/etc/resolv.conf")) -> tuple[HostPort, ...]:
+    """The nameservers of resolv.conf, the embedded default's upstreams."""
+    out = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        fields_ = line.split()
+        if len(fields_) >= 2 and fields_[0] == "nameserver":
+            try:
+                out.append(parse_hostport(fields_[1].split("%", 1)[0], default_port=53))
+            except ValueError:
+                continue
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """CLI flags; None or empty means "as in the file"."""
+
+    dns_listen: tuple[str, ...] = ()
+    http_listen: str | None = None
+    upstreams: tuple[str, ...] = ()
+    state_dir: str | None = None
+
+
+def load_config(path: str | Path | None = None, overrides: Overrides | None = None,
+                resolv_conf: Path = Path("/etc/resolv.conf")) -> Config:
+    """Read, validate and complete the configuration. Raises ConfigError."""
+    overrides = overrides or Overrides()
+    raw: dict[str, Any] = {}
+    source = "<embedded default>"
+    base = Path.cwd()
+    if path is not None:
+        source = str(path)
+        base = Path(path).resolve().parent
+        try:
+            with open(path, "rb") as handle:
+                raw = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    for name in raw:
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
+    sections = {name: _section(name, raw.get(name, {}), source) for name in _SECTIONS}
+
+    def flag(name: str, parse: Callable[[], Any]) -> Any:
+        try:
+            return parse()
+        except ValueError as exc:
+            raise ConfigError(f"command line: {name}: {exc}") from None
+
+    if overrides.dns_listen:
+        sections["dns"]["listen"] = flag(
+            "--dns-listen", lambda: tuple(parse_hostport(v) for v in overrides.dns_listen))
+    if overrides.upstreams:
+        sections["dns"]["upstreams"] = flag(
+            "--upstream", lambda: tuple(parse_hostport(v, 53) for v in overrides.upstreams))
+    if overrides.http_listen is not None:
+        sections["http"]["listen"] = flag("--http-listen",
+                                          lambda: _http_listen(overrides.http_listen))
+    if overrides.state_dir is not None:
+        sections["state"]["dir"] = overrides.state_dir
+
+    dns = DnsConfig(**sections["dns"])
+    if not dns.listen:
+        raise ConfigError(f"{source}: [dns] listen: at least one address is needed")
+    if not dns.upstreams:
+        dns = replace(dns, upstreams=resolv_conf_upstreams(resolv_conf))
+        if not dns.upstreams:
+            raise ConfigError(f"{source}: [dns] upstreams: none configured and none found in "
+                              f"{resolv_conf}")
+    own = {(hp.host, hp.port) for hp in dns.listen}
+    for index, upstream in enumerate(dns.upstreams):
+        if (upstream.host, upstream.port) in own:
+            raise ConfigError(f"{source}: [dns] upstreams[{index}]: {upstream} is one of our own "
+                              "listen addresses (a forwarding loop)")
+
+    policy_values = sections["policy"]
+    list_entries = policy_values.pop("blocklists", (DEFAULT_BLOCKLIST,))
+    lists = []
+    for index, entry in enumerate(list_entries):
+        found = resolve_list_path(entry, base)
+        if found is None:
+            raise ConfigError(f"{source}: [policy] blocklists[{index}]: list file not found: "
+                              f"{entry!r} (looked in {base} and the bundled lists)")
+        lists.append(found)
+    policy = PolicyConfig(blocklists=tuple(lists), **policy_values)
+    if policy.block_mode == "redirect" and not (policy.redirect_ipv4 or policy.redirect_ipv6):
+        raise ConfigError(f"{source}: [policy] block_mode: \"redirect\" needs redirect_ipv4 "
+                          "and/or redirect_ipv6")
+
+    state_dir = Path(sections["state"].get("dir", "tiktokguard-state")).expanduser()
+    if not state_dir.is_absolute():
+        state_dir = base / state_dir if path is not None else Path.cwd() / state_dir
+    return Config(
+        dns=dns,
+        policy=policy,
+        http=HttpConfig(**sections["http"]),
+        incidents=IncidentsConfig(**sections["incidents"]),
+        state=StateConfig(dir=state_dir),
+        source=source,
+    )

@@ -1,0 +1,90 @@
+"""Block answers (DESIGN §2 `policy.block_mode`) and the finishing touches of forwarded answers.
+
+No I/O. Block answers are built from the query's own bytes plus a few fixed pieces; nothing is
+parsed or packed by a general-purpose library on this path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from tiktokguard.dns.wire import (
+    EDE_BLOCKED,
+    EDE_FILTERED,
+    NOERROR,
+    NXDOMAIN,
+    REFUSED,
+    TYPE_A,
+    TYPE_AAAA,
+    Query,
+    address_record,
+    negative_answer,
+    opt_record,
+    response,
+    text_to_wire,
+    truncate_for_udp,
+)
+
+_U16 = struct.Struct("!H")
+
+
+class BlockAnswers:
+    """Builds the answer a managed client gets for a blocked name."""
+
+    def __init__(self, mode: str = "nxdomain", ttl: int = 300, redirect_ipv4: str | None = None,
+                 redirect_ipv6: str | None = None) -> None:
+        self.mode = mode
+        self.ttl = ttl
+        self.redirect_a = ipaddress.IPv4Address(redirect_ipv4).packed if redirect_ipv4 else None
+        self.redirect_aaaa = (ipaddress.IPv6Address(redirect_ipv6).packed if redirect_ipv6
+                              else None)
+        self._zone: dict[str, bytes] = {}
+        self._ede: dict[str, tuple[int, str]] = {}
+
+    def _zone_of(self, rule: str) -> bytes:
+        zone = self._zone.get(rule)
+        if zone is None:
+            zone = self._zone[rule] = text_to_wire(rule)
+        return zone
+
+    def _ede_of(self, rule: str) -> tuple[int, str]:
+        ede = self._ede.get(rule)
+        if ede is None:
+            ede = self._ede[rule] = (EDE_BLOCKED,
+                                     f"TikTok/ByteDance blocked by university policy ({rule})")
+        return ede
+
+    def blocked(self, query: Query, rule: str) -> bytes:
+        mode = self.mode
+        ede = self._ede_of(rule)
+        if mode == "nxdomain":
+            return negative_answer(query, NXDOMAIN, self._zone_of(rule), self.ttl, ede)
+        if mode == "refused":
+            return response(query, REFUSED, ede=ede)
+        if mode == "null":
+            a: bytes | None = b"\x00" * 4
+            aaaa: bytes | None = b"\x00" * 16
+        else:  # redirect
+            a, aaaa = self.redirect_a, self.redirect_aaaa
+        if query.qtype == TYPE_A and a is not None:
+            return response(query, NOERROR, address_record(TYPE_A, self.ttl, a), 1, ede=ede)
+        if query.qtype == TYPE_AAAA and aaaa is not None:
+            return response(query, NOERROR, address_record(TYPE_AAAA, self.ttl, aaaa), 1, ede=ede)
+        return negative_answer(query, NOERROR, self._zone_of(rule), self.ttl, ede)
+
+    def countermeasure(self, query: Query, rcode: int, label: str) -> bytes:
+        """NXDOMAIN or NODATA for a bypass name, owned by the name itself."""
+        return negative_answer(query, rcode, query.qname, self.ttl,
+                               (EDE_FILTERED, f"bypass countermeasure: {label}"))
+
+
+def finish_answer(query: Query, wire: bytes, udp: bool) -> bytes:
+    """A forwarded or cached answer (ID and question already the client's) made fit for this
+    client: our OPT added when it asked with EDNS, truncated to its UDP size."""
+    if query.edns:
+        out = bytearray(wire)
+        _U16.pack_into(out, 10, _U16.unpack_from(out, 10)[0] + 1)
+        out += opt_record(query.do)
+        wire = bytes(out)
+    return truncate_for_udp(query, wire) if udp else wire

@@ -1,0 +1,169 @@
+"""The query path: bytes in, bytes out. One place where every stage is called in order:
+
+    read question → classify client → decide → (block answer | cache → upstream → CNAME check)
+
+The order matters: the client is classified before the list is consulted (the same name is
+blocked for one client and resolved for another), and the cache sits *after* the policy decision,
+so a cached answer is never served to a client that policy blocks. Blocked and cached answers are
+returned synchronously (no task, no await); only a cache miss becomes a coroutine.
+
+Errors become DNS codes here and only here: malformed → FORMERR/NOTIMP/BADVERS (or a silent drop),
+all upstreams failed → SERVFAIL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+import dnslib
+
+from tiktokguard.dns.answers import BlockAnswers, finish_answer
+from tiktokguard.dns.cache import AnswerCache, CacheEntry, cache_ttl
+from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
+from tiktokguard.dns.wire import (
+    BADVERS,
+    NOTIMP,
+    REFUSED,
+    SERVFAIL,
+    DropPacket,
+    Query,
+    QueryError,
+    error_response,
+    parse_query,
+    response,
+    strip_opt,
+)
+from tiktokguard.metrics import Metrics
+from tiktokguard.policy.clients import ClientClass, mac_to_text
+from tiktokguard.policy.engine import Decision, PolicyEngine, Verdict
+
+EDE_NETWORK_ERROR = 23  # RFC 8914 §4.24: no upstream could be reached
+Result = bytes | None | Coroutine[Any, Any, bytes | None]
+
+
+class IncidentSink(Protocol):
+    """Receives every blocked query of a managed client (aggregation is the sink's job)."""
+
+    def blocked(self, client_ip: str, mac: str | None, query: Query, rule: str,
+                now: float) -> None: ...
+
+
+class MacSource(Protocol):
+    """Where a client's MAC comes from when the query does not carry one (neighbour table)."""
+
+    def mac_of(self, client_ip: str) -> str | None: ...
+
+
+class Resolver:
+    def __init__(self, engine: PolicyEngine, cache: AnswerCache, pool: UpstreamPool,
+                 blocks: BlockAnswers, metrics: Metrics, incidents: IncidentSink | None = None,
+                 macs: MacSource | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.pool = pool
+        self.blocks = blocks
+        self.metrics = metrics
+        self.incidents = incidents
+        self.macs = macs
+        self.clock = clock
+        self._count = metrics.query_child
+        self._duration = metrics.request_duration
+
+    def handle(self, data: bytes, client_ip: str, transport: str) -> Result:
+        """The answer to one query: bytes now, None to send nothing, or a coroutine to await."""
+        started = time.perf_counter()
+        udp = transport == "udp"
+        try:
+            query = parse_query(data)
+        except DropPacket:
+            self.metrics.malformed_child["short"].inc()
+            return None
+        except QueryError as err:
+            reason = {NOTIMP: "notimp", BADVERS: "badvers"}.get(err.rcode, "formerr")
+            self.metrics.malformed_child[reason].inc()
+            self._count[transport, Verdict.ERROR].inc()
+            return error_response(err)
+        now = self.clock()
+        mac = self._mac(query, client_ip)
+        decision = self.engine.decide(client_ip, mac, query.qname, now)
+        verdict = decision.verdict
+        if verdict is Verdict.REFUSED:
+            self._count[transport, verdict].inc()
+            return response(query, REFUSED)
+        if verdict is Verdict.BLOCKED:
+            return self._block(query, decision, decision.rule or "", client_ip, mac, transport,
+                               now, started)
+        key = (query.qname, query.qtype, query.qclass, query.do)
+        entry = self.cache.get(key, now)
+        if entry is not None:
+            self.metrics.cache_hits.inc()
+            if entry.chain_rule is not None and decision.client_class is ClientClass.MANAGED:
+                return self._block(query, decision, entry.chain_rule, client_ip, mac, transport,
+                                   now, started)
+            wire = finish_answer(query, entry.render(query.id, query.question, now), udp)
+            self._count[transport, verdict].inc()
+            self._duration.observe(time.perf_counter() - started)
+            return wire
+        self.metrics.cache_misses.inc()
+        return self._forward(query, decision, client_ip, mac, transport, started)
+
+    def _mac(self, query: Query, client_ip: str) -> str | None:
+        # A MAC from EDNS is believed only from a configured relay (DESIGN §1): anyone else
+        # could claim a social media device's MAC.
+        if query.mac is not None and self.engine.classifier.trusts_mac_from(client_ip):
+            return mac_to_text(query.mac)
+        if self.macs is not None:
+            return self.macs.mac_of(client_ip)
+        return None
+
+    def _block(self, query: Query, decision: Decision, rule: str, client_ip: str,
+               mac: str | None, transport: str, now: float, started: float) -> bytes:
+        self._count[transport, Verdict.BLOCKED].inc()
+        self.metrics.count_blocked(rule)
+        if decision.countermeasure_rcode is not None:
+            wire = self.blocks.countermeasure(query, decision.countermeasure_rcode, rule)
+        else:
+            wire = self.blocks.blocked(query, rule)
+            if self.incidents is not None:
+                self.incidents.blocked(client_ip, mac, query, rule, now)
+        self._duration.observe(time.perf_counter() - started)
+        return wire
+
+    async def _forward(self, query: Query, decision: Decision, client_ip: str, mac: str | None,
+                       transport: str, started: float) -> bytes:
+        try:
+            reply = await self.pool.resolve(query.qname, query.qtype, query.qclass, query.flags,
+                                            query.do)
+        except AllUpstreamsFailed as exc:
+            self._count[transport, Verdict.ERROR].inc()
+            self._duration.observe(time.perf_counter() - started)
+            return response(query, SERVFAIL, ede=(EDE_NETWORK_ERROR, f"upstreams failed: {exc}"))
+        now = self.clock()
+        wire, index = strip_opt(reply.wire, reply.index)
+        chain_rule = self._chain_rule(wire) if index.ancount else None
+        entry = CacheEntry(wire, index.ttl_offsets, now, now + cache_ttl(index),
+                           index.question_end, chain_rule)
+        self.cache.put((query.qname, query.qtype, query.qclass, query.do), entry)
+        if chain_rule is not None and decision.client_class is ClientClass.MANAGED:
+            return self._block(query, decision, chain_rule, client_ip, mac, transport, now,
+                               started)
+        out = finish_answer(query, entry.render(query.id, query.question, now), transport == "udp")
+        self._count[transport, decision.verdict].inc()
+        self._duration.observe(time.perf_counter() - started)
+        return out
+
+    def _chain_rule(self, wire: bytes) -> str | None:
+        """CNAME inspection (DESIGN §2): a blocked owner name or CNAME/DNAME target anywhere in
+        the answer section makes the whole answer blocked for managed clients."""
+        try:
+            message = dnslib.DNSRecord.parse(wire)
+        except (dnslib.DNSError, ValueError, IndexError, KeyError):
+            return None
+        names = []
+        for rr in message.rr:
+            names.append(str(rr.rname))
+            if rr.rtype in (dnslib.QTYPE.CNAME, dnslib.QTYPE.DNAME):
+                names.append(str(rr.rdata.label))
+        return self.engine.chain_rule(names)

@@ -1,0 +1,181 @@
+"""asyncio DNS listeners (UDP and TCP). They only move bytes: policy lives in the resolver.
+
+TCP follows RFC 7766: 2-byte length framing, several queries per connection answered as they
+complete (pipelining, possibly out of order), an idle timeout, and a cap on open connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Coroutine
+from typing import Any
+
+from tiktokguard.config import HostPort
+from tiktokguard.dns.resolver import Resolver
+
+MAX_PIPELINE = 64  # queries in flight on one TCP connection before we stop reading from it
+
+
+class ServerState:
+    """What the listeners share: the resolver and the tasks of queries in flight."""
+
+    def __init__(self, resolver: Resolver, tcp_idle_timeout: float, max_tcp: int) -> None:
+        self.resolver = resolver
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp = max_tcp
+        self.tcp_connections: set[TcpProtocol] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def drain(self, seconds: float) -> None:
+        """Wait (bounded) for the queries in flight to be answered."""
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=seconds)
+
+
+class UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.handle = state.resolver.handle
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        result = self.handle(data, addr[0], "udp")
+        if result is None:
+            return
+        if isinstance(result, bytes):
+            self.transport.sendto(result, addr)  # type: ignore[union-attr]
+        else:
+            self.state.spawn(self._reply(result, addr))
+
+    async def _reply(self, pending: Coroutine[Any, Any, bytes | None],
+                     addr: tuple[Any, ...]) -> None:
+        wire = await pending
+        transport = self.transport
+        if wire is not None and transport is not None and not transport.is_closing():
+            transport.sendto(wire, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors for a client's address: nothing to do, and no reason to stop
+
+
+class TcpProtocol(asyncio.Protocol):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.buffer = bytearray()
+        self.inflight = 0
+        self.paused = False
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if len(self.state.tcp_connections) >= self.state.max_tcp:
+            transport.close()  # over the cap: refuse the newcomer, keep serving the others
+            return
+        self.state.tcp_connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.tcp_connections.discard(self)
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        self.transport = None
+
+    def _arm_idle(self) -> None:
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        self.idle_handle = asyncio.get_running_loop().call_later(
+            self.state.tcp_idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        if self.inflight == 0 and self.transport is not None:
+            self.transport.close()
+        else:
+            self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._arm_idle()
+        buffer = self.buffer
+        while len(buffer) >= 2:
+            length = (buffer[0] << 8) | buffer[1]
+            if len(buffer) < 2 + length:
+                break
+            message = bytes(buffer[2:2 + length])
+            del buffer[:2 + length]
+            self._query(message)
+        if self.inflight >= MAX_PIPELINE and not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def _query(self, message: bytes) -> None:
+        result = self.state.resolver.handle(message, self.client_ip, "tcp")
+        if result is None:
+            if len(message) < 12 and self.transport is not None:
+                # RFC 7766 §8: a malformed frame leaves the stream in doubt; close it.
+                self.transport.close()
+            return
+        if isinstance(result, bytes):
+            self._send(result)
+        else:
+            self.inflight += 1
+            self.state.spawn(self._reply(result))
+
+    async def _reply(self, pending: Coroutine[Any, Any, bytes | None]) -> None:
+        try:
+            wire = await pending
+        finally:
+            self.inflight -= 1
+            if self.paused and self.inflight < MAX_PIPELINE // 2 and self.transport is not None:
+                self.transport.resume_reading()
+                self.paused = False
+        if wire is not None:
+            self._send(wire)
+
+    def _send(self, wire: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(struct.pack("!H", len(wire)) + wire)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+async def start_listeners(state: ServerState, listen: tuple[HostPort, ...]
+                          ) -> list[asyncio.BaseTransport | asyncio.Server]:
+    """Bind UDP and TCP on every address; raises OSError naming the address on failure."""
+    loop = asyncio.get_running_loop()
+    opened: list[asyncio.BaseTransport | asyncio.Server] = []
+    try:
+        for address in listen:
+            try:
+                udp, _ = await loop.create_datagram_endpoint(
+                    lambda: UdpProtocol(state), local_addr=(address.host, address.port),
+                    family=_family(address.host))
+                opened.append(udp)
+                tcp = await loop.create_server(
+                    lambda: TcpProtocol(state), address.host, address.port,
+                    family=_family(address.host), reuse_address=True, backlog=1024)
+                opened.append(tcp)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    except BaseException:
+        for item in opened:
+            item.close()
+        raise
+    return opened

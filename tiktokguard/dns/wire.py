@@ -1,0 +1,418 @@
+"""DNS wire format without I/O: read a query's question and EDNS, build synthetic answers.
+
+This is the per-query hot path, so it reads the few fields the policy needs straight from the
+bytes instead of parsing whole messages (dnslib stays the tool for full messages elsewhere).
+Every function here is cross-checked against dnslib and dnspython in tests/test_wire.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# RFC 1035 §4.1.1 header flags and codes.
+QR = 0x8000
+AA = 0x0400
+TC = 0x0200
+RD = 0x0100
+RA = 0x0080
+AD = 0x0020
+CD = 0x0010
+OPCODE_MASK = 0x7800
+
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16  # RFC 6891 §6.1.3: extended RCODE, upper 8 bits travel in the OPT TTL
+
+TYPE_A, TYPE_NS, TYPE_CNAME, TYPE_SOA, TYPE_AAAA, TYPE_DNAME, TYPE_OPT = 1, 2, 5, 6, 28, 39, 41
+CLASS_IN = 1
+
+EDNS_OPTION_MAC = 65001  # dnsmasq --add-mac: the client's MAC, added by an access router
+EDNS_OPTION_EDE = 15  # RFC 8914 Extended DNS Error
+EDE_BLOCKED = 15
+EDE_FILTERED = 17
+
+# Our advertised UDP payload size: the DNS Flag Day 2020 value, which avoids IP fragmentation.
+OUR_UDP_SIZE = 1232
+
+_HEADER = struct.Struct("!HHHHHH")
+_RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+
+
+class DropPacket(Exception):
+    """The packet cannot be answered at all (shorter than a header, or not a query)."""
+
+
+class QueryError(Exception):
+    """The packet is a query we answer with an error RCODE (FORMERR, NOTIMP, BADVERS)."""
+
+    def __init__(self, rcode: int, reason: str, query: Query | None = None,
+                 qid: int = 0, flags: int = 0) -> None:
+        super().__init__(reason)
+        self.rcode = rcode
+        self.reason = reason
+        self.query = query
+        self.qid = qid
+        self.flags = flags
+
+
+@dataclass(slots=True)
+class Query:
+    """What the resolver needs to know about one query, read from its wire form."""
+
+    id: int
+    flags: int
+    qname: bytes  # wire form, lower-cased: b"\x03www\x06tiktok\x03com\x00"
+    question: bytes  # the question section as sent (name in the client's case, type, class)
+    qtype: int
+    qclass: int
+    edns: bool = False
+    udp_size: int = 512
+    do: bool = False
+    edns_version: int = 0
+    mac: bytes | None = None  # EDNS0 option 65001, 6 bytes, when present and well formed
+
+    @property
+    def name(self) -> str:
+        """The query name as text (for logs, events and the CLI; never on the hot path)."""
+        return wire_to_text(self.qname)
+
+    def max_udp_response(self) -> int:
+        """Largest UDP response this client accepts (RFC 1035 512, RFC 6891 advertised size)."""
+        if not self.edns:
+            return 512
+        return max(512, min(self.udp_size, OUR_UDP_SIZE))
+
+
+def _read_name_end(data: bytes, pos: int) -> int:
+    """Offset just past a (possibly compressed) name at pos; raises IndexError/ValueError."""
+    end = len(data)
+    while True:
+        if pos >= end:
+            raise IndexError("name runs past the end")
+        length = data[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > end:
+                raise IndexError("pointer runs past the end")
+            return pos + 2
+        if length & 0xC0:
+            raise ValueError("reserved label type")
+        pos += 1 + length
+
+
+def parse_query(data: bytes) -> Query:
+    """Read header, question and OPT of a query.
+
+    Raises DropPacket for what must not be answered and QueryError for what is answered with an
+    error code. The question name must be uncompressed (a pointer there has nothing to point at).
+    """
+    if len(data) < 12:
+        raise DropPacket("shorter than a DNS header")
+    qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+    if flags & QR:
+        raise DropPacket("a response, not a query")
+    if flags & OPCODE_MASK:
+        raise QueryError(NOTIMP, "opcode other than QUERY", qid=qid, flags=flags)
+    if qdcount != 1:
+        raise QueryError(FORMERR, f"QDCOUNT is {qdcount}", qid=qid, flags=flags)
+    pos = 12
+    end = len(data)
+    total = 0
+    while True:
+        if pos >= end:
+            raise QueryError(FORMERR, "question name runs past the end", qid=qid, flags=flags)
+        length = data[pos]
+        if length == 0:
+            pos += 1
+            break
+        if length > 63:
+            raise QueryError(FORMERR, "bad label in question", qid=qid, flags=flags)
+        pos += 1 + length
+        total += 1 + length
+        if total > 254:
+            raise QueryError(FORMERR, "question name longer than 255", qid=qid, flags=flags)
+    if pos + 4 > end:
+        raise QueryError(FORMERR, "question truncated", qid=qid, flags=flags)
+    qtype, qclass = struct.unpack_from("!HH", data, pos)
+    qname = data[12:pos].lower()
+    question = data[12:pos + 4]
+    query = Query(qid, flags, qname, question, qtype, qclass)
+    pos += 4
+    if arcount:
+        _read_opt(data, pos, ancount + nscount, arcount, query)
+    return query
+
+
+def _read_opt(data: bytes, pos: int, skip: int, arcount: int, query: Query) -> None:
+    """Find the OPT record among the additional records and fill the EDNS fields of query."""
+    end = len(data)
+    seen_opt = False
+    try:
+        for index in range(skip + arcount):
+            name_start = pos
+            pos = _read_name_end(data, pos)
+            rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
+            pos += 10
+            rdata_end = pos + rdlength
+            if rdata_end > end:
+                raise IndexError("rdata runs past the end")
+            if rtype == TYPE_OPT and index >= skip:
+                if seen_opt or data[name_start] != 0:
+                    # RFC 6891 §6.1.1: more than one OPT, or an OPT not owned by the root.
+                    raise QueryError(FORMERR, "bad OPT record", query=query,
+                                     qid=query.id, flags=query.flags)
+                seen_opt = True
+                query.edns = True
+                query.udp_size = rclass
+                query.edns_version = (ttl >> 16) & 0xFF
+                query.do = bool(ttl & 0x8000)
+                query.mac = _read_mac_option(data, pos, rdata_end)
+            pos = rdata_end
+    except (IndexError, ValueError, struct.error) as exc:
+        raise QueryError(FORMERR, f"malformed record section: {exc}", query=query,
+                         qid=query.id, flags=query.flags) from None
+    if query.edns and query.edns_version > 0:
+        raise QueryError(BADVERS, f"EDNS version {query.edns_version}", query=query,
+                         qid=query.id, flags=query.flags)
+
+
+def _read_mac_option(data: bytes, pos: int, end: int) -> bytes | None:
+    """The MAC in option 65001, in any of dnsmasq's encodings (binary, text, base64)."""
+    mac = None
+    while pos + 4 <= end:
+        code, length = struct.unpack_from("!HH", data, pos)
+        pos += 4
+        if pos + length > end:
+            raise IndexError("EDNS option runs past the end")
+        if code == EDNS_OPTION_MAC:
+            mac = decode_mac_option(data[pos:pos + length])
+        pos += length
+    return mac
+
+
+def decode_mac_option(value: bytes) -> bytes | None:
+    """dnsmasq add-mac sends 6 raw bytes; add-mac=text sends aa:bb:..; add-mac=base64 8 chars."""
+    if len(value) == 6:
+        return bytes(value)
+    if len(value) == 17:
+        try:
+            return bytes.fromhex(value.decode("ascii").replace(":", "").replace("-", ""))
+        except (UnicodeDecodeError, ValueError):
+            return None
+    if len(value) == 8:
+        import base64
+        import binascii
+
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return raw if len(raw) == 6 else None
+    return None
+
+
+def wire_to_text(name: bytes) -> str:
+    """Presentation form of an uncompressed wire name, without the trailing dot ("" is the root)."""
+    labels = []
+    pos = 0
+    while pos < len(name) and name[pos]:
+        length = name[pos]
+        label = name[pos + 1:pos + 1 + length]
+        labels.append("".join(
+            chr(b) if 0x21 <= b <= 0x7E and b not in (0x2E, 0x5C) else f"\\{b:03d}"
+            for b in label))
+        pos += 1 + length
+    return ".".join(labels)
+
+
+def text_to_wire(name: str) -> bytes:
+    """Wire form of a dotted name (lower-cased). Raises ValueError for an invalid name."""
+    name = name.strip().rstrip(".").lower()
+    if not name:
+        return b"\x00"
+    out = bytearray()
+    for label in name.split("."):
+        raw = label.encode("idna") if not label.isascii() else label.encode("ascii")
+        if not raw or len(raw) > 63:
+            raise ValueError(f"bad label {label!r} in {name!r}")
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    if len(out) > 255:
+        raise ValueError(f"name longer than 255 octets: {name!r}")
+    return bytes(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building answers
+
+
+def _flags_for_answer(query_flags: int, rcode: int, aa: bool = False) -> int:
+    """Response flags: QR, the query's opcode and RD and CD, RA since we recurse, and rcode."""
+    flags = QR | RA | (query_flags & (OPCODE_MASK | RD | CD)) | (rcode & 0xF)
+    if aa:
+        flags |= AA
+    return flags
+
+
+def opt_record(do: bool = False, ext_rcode: int = 0, ede: tuple[int, str] | None = None) -> bytes:
+    """Our OPT pseudo-record (RFC 6891), optionally carrying an Extended DNS Error (RFC 8914)."""
+    rdata = b""
+    if ede is not None:
+        info_code, text = ede
+        payload = _U16.pack(info_code) + text.encode("utf-8")
+        rdata = _U16.pack(EDNS_OPTION_EDE) + _U16.pack(len(payload)) + payload
+    ttl = ((ext_rcode >> 4) << 24) | (0x8000 if do else 0)
+    return b"\x00" + _RR_FIXED.pack(TYPE_OPT, OUR_UDP_SIZE, ttl, len(rdata)) + rdata
+
+
+def error_response(err: QueryError) -> bytes:
+    """The answer to a query we refuse to process (FORMERR, NOTIMP, BADVERS)."""
+    query = err.query
+    if query is None:
+        return _HEADER.pack(err.qid, _flags_for_answer(err.flags, err.rcode), 0, 0, 0, 0)
+    return response(query, err.rcode)
+
+
+def response(query: Query, rcode: int, answers: bytes = b"", ancount: int = 0,
+             authority: bytes = b"", nscount: int = 0, ede: tuple[int, str] | None = None,
+             aa: bool = False) -> bytes:
+    """A complete response: the question echoed, the given sections, and OPT when the query had
+    EDNS (RFC 6891 §7: a responder that understands EDNS answers an EDNS query with OPT)."""
+    opt = b""
+    if query.edns:
+        opt = opt_record(query.do, rcode, ede)
+    header = _HEADER.pack(query.id, _flags_for_answer(query.flags, rcode, aa), 1, ancount,
+                          nscount, 1 if opt else 0)
+    return header + query.question + answers + authority + opt
+
+
+def soa_record(owner: bytes, ttl: int) -> bytes:
+    """A synthetic SOA (RFC 2308 §3): its TTL and MINIMUM bound how long clients cache the
+    negative answer. owner is a wire name or a 2-byte compression pointer."""
+    rdata = (_SOA_MNAME + _SOA_RNAME
+             + struct.pack("!IIIII", 1, 3600, 600, 86400, ttl))
+    return owner + _RR_FIXED.pack(TYPE_SOA, CLASS_IN, ttl, len(rdata)) + rdata
+
+
+_SOA_MNAME = text_to_wire("tiktokguard.invalid")
+_SOA_RNAME = text_to_wire("hostmaster.tiktokguard.invalid")
+
+
+def suffix_pointer(query: Query, suffix: bytes) -> bytes:
+    """A compression pointer to suffix inside the echoed question name, or suffix itself."""
+    offset = len(query.qname) - len(suffix)
+    if offset >= 0 and query.qname.endswith(suffix) and 12 + offset < 0x3FFF:
+        return _U16.pack(0xC000 | (12 + offset))
+    return suffix
+
+
+def address_record(qtype: int, ttl: int, address: bytes) -> bytes:
+    """An A or AAAA answer owned by the question name (pointer to offset 12)."""
+    return b"\xc0\x0c" + _RR_FIXED.pack(qtype, CLASS_IN, ttl, len(address)) + address
+
+
+def negative_answer(query: Query, rcode: int, zone: bytes, ttl: int,
+                    ede: tuple[int, str] | None = None) -> bytes:
+    """NXDOMAIN or NODATA with a synthetic SOA for zone in the authority section."""
+    return response(query, rcode, authority=soa_record(suffix_pointer(query, zone), ttl),
+                    nscount=1, ede=ede)
+
+
+def truncate_for_udp(query: Query, wire: bytes) -> bytes:
+    """RFC 1035 §4.2.1 / RFC 7766: an answer too large for the client's UDP size becomes an
+    empty one with TC set, so the client retries over TCP."""
+    if len(wire) <= query.max_udp_response():
+        return wire
+    qid, flags = struct.unpack_from("!HH", wire)
+    rcode = flags & 0xF
+    opt = opt_record(query.do, rcode) if query.edns else b""
+    return (_HEADER.pack(qid, flags | TC, 1, 0, 0, 1 if opt else 0) + query.question + opt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading upstream responses (miss path only)
+
+
+@dataclass(slots=True)
+class RecordIndex:
+    """Where the records of a response sit, so a cache hit can patch TTLs without parsing."""
+
+    rcode: int
+    flags: int
+    ancount: int
+    nscount: int
+    arcount: int
+    question_end: int
+    ttl_offsets: tuple[int, ...]  # TTL fields of every record except OPT
+    opt_span: tuple[int, int] | None  # [start, end) of the OPT record, if any
+    min_ttl: int | None  # smallest TTL over answer and authority records
+    negative_ttl: int | None  # RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of an authority SOA
+
+
+def index_response(wire: bytes) -> RecordIndex:
+    """Walk a response's records; raises ValueError when it is malformed."""
+    try:
+        _qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire)
+        pos = 12
+        for _ in range(qdcount):
+            pos = _read_name_end(wire, pos) + 4
+        question_end = pos
+        ttl_offsets: list[int] = []
+        opt_span = None
+        min_ttl: int | None = None
+        negative_ttl: int | None = None
+        for index in range(ancount + nscount + arcount):
+            start = pos
+            pos = _read_name_end(wire, pos)
+            rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(wire, pos)
+            rdata = pos + 10
+            end = rdata + rdlength
+            if end > len(wire):
+                raise ValueError("record runs past the end")
+            if rtype == TYPE_OPT:
+                if opt_span is not None:
+                    raise ValueError("two OPT records")
+                opt_span = (start, end)
+            else:
+                ttl_offsets.append(pos + 4)
+                if index < ancount + nscount:
+                    min_ttl = ttl if min_ttl is None else min(min_ttl, ttl)
+                if rtype == TYPE_SOA and ancount <= index < ancount + nscount:
+                    p = _read_name_end(wire, rdata)
+                    p = _read_name_end(wire, p)
+                    minimum = _U32.unpack_from(wire, p + 16)[0]
+                    negative_ttl = min(ttl, minimum)
+            pos = end
+        if pos != len(wire):
+            raise ValueError("trailing bytes after the last record")
+    except (IndexError, struct.error) as exc:
+        raise ValueError(f"malformed response: {exc}") from None
+    return RecordIndex(flags & 0xF, flags, ancount, nscount, arcount, question_end,
+                       tuple(ttl_offsets), opt_span, min_ttl, negative_ttl)
+
+
+def strip_opt(wire: bytes, index: RecordIndex) -> tuple[bytes, RecordIndex]:
+    """The response without its OPT record (the upstream's EDNS is not the client's)."""
+    if index.opt_span is None:
+        return wire, index
+    start, end = index.opt_span
+    cut = end - start
+    out = bytearray(wire[:start] + wire[end:])
+    _U16.pack_into(out, 10, index.arcount - 1)
+    offsets = tuple(o - cut if o > start else o for o in index.ttl_offsets)
+    stripped = RecordIndex(index.rcode, index.flags, index.ancount, index.nscount,
+                           index.arcount - 1, index.question_end, offsets, None,
+                           index.min_ttl, index.negative_ttl)
+    return bytes(out), stripped
+
+
+def build_query(qid: int, flags: int, qname: bytes, qtype: int, qclass: int, do: bool) -> bytes:
+    """An upstream query of our own: fresh ID, the client's RD/CD/AD, our OPT and nothing else
+    of the client's EDNS (so the MAC option 65001, personal data, never leaves us)."""
+    flags &= RD | CD | AD
+    return (_HEADER.pack(qid, flags, 1, 0, 0, 1) + qname + struct.pack("!HH", qtype, qclass)
+            + opt_record(do))

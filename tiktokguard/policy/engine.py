@@ -1,0 +1,113 @@
+"""The policy decision: who asks (client class) and what is asked (list match) → Decision.
+
+Pure: no I/O, time passed in. The table is DESIGN §1; the university's TikTok policy
+(shared/policy) decides it: "The use of TikTok on a device provided by the university ... is
+prohibited", including "the web version"; a social media device is the one exception; privately
+owned devices "may be used as individuals see fit".
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from tiktokguard.dns.wire import NOERROR, NXDOMAIN, text_to_wire
+from tiktokguard.policy.clients import ClientClass, ClientClassifier, Device
+from tiktokguard.policy.domains import DomainMatcher
+
+
+class Verdict(enum.Enum):
+    """The `decision` label of tiktokguard_dns_queries_total."""
+
+    ALLOWED = "allowed"
+    BLOCKED = "blocked"
+    ALLOWLISTED = "allowlisted"
+    UNMANAGED = "unmanaged"
+    REFUSED = "refused"
+    ERROR = "error"
+
+
+# DESIGN §2 bypass countermeasures, by exact name: what each is answered with, and why.
+COUNTERMEASURES: dict[str, tuple[int, str]] = {
+    # Mozilla's canary domain: NXDOMAIN turns off Firefox's automatic DNS over HTTPS.
+    "use-application-dns.net": (NXDOMAIN, "Firefox DoH canary"),
+    # Apple: NXDOMAIN for these makes iCloud Private Relay fall back to the network's resolver.
+    "mask.icloud.com": (NXDOMAIN, "iCloud Private Relay"),
+    "mask-h2.icloud.com": (NXDOMAIN, "iCloud Private Relay"),
+    # RFC 9462 Discovery of Designated Resolvers: NODATA means "no encrypted resolver here".
+    "_dns.resolver.arpa": (NOERROR, "resolver discovery (DDR)"),
+}
+_COUNTERMEASURES_WIRE = {text_to_wire(k): (k, v[0]) for k, v in COUNTERMEASURES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    client_class: ClientClass
+    rule: str | None = None  # the list entry or countermeasure name that matched
+    device: Device | None = None  # the allowlisted device, when the client is one
+    countermeasure_rcode: int | None = None  # set when a bypass countermeasure answers
+
+    @property
+    def blocks(self) -> bool:
+        return self.verdict is Verdict.BLOCKED
+
+    def explain(self) -> str:
+        """One line for people (CLI, API)."""
+        parts = [self.verdict.value, f"client={self.client_class.value}"]
+        if self.rule:
+            parts.append(f"rule={self.rule}")
+        if self.device:
+            parts.append(f"device={self.device.id} ({self.device.name})")
+        return " ".join(parts)
+
+
+_REFUSED = Decision(Verdict.REFUSED, ClientClass.REFUSED)
+_MANAGED_ALLOWED = Decision(Verdict.ALLOWED, ClientClass.MANAGED)
+_UNMANAGED_ALLOWED = Decision(Verdict.ALLOWED, ClientClass.UNMANAGED)
+
+
+class PolicyEngine:
+    """Decides queries. The matcher can be swapped (list reload) by assigning `matcher`."""
+
+    def __init__(self, matcher: DomainMatcher, classifier: ClientClassifier,
+                 countermeasures: bool = True) -> None:
+        self.matcher = matcher
+        self.classifier = classifier
+        self.countermeasures = countermeasures
+
+    def decide(self, client_ip: str, mac: str | None, qname: bytes, now: float) -> Decision:
+        """The decision for a query name (lower-cased wire form) from this client at now."""
+        client_class, device = self.classifier.classify(client_ip, mac, now)
+        if client_class is ClientClass.REFUSED:
+            return _REFUSED
+        rule = self.matcher.match(qname)
+        if client_class is ClientClass.MANAGED:
+            if rule is not None:
+                return Decision(Verdict.BLOCKED, client_class, rule)
+            if self.countermeasures:
+                hit = _COUNTERMEASURES_WIRE.get(qname)
+                if hit is not None:
+                    return Decision(Verdict.BLOCKED, client_class, hit[0],
+                                    countermeasure_rcode=hit[1])
+            return _MANAGED_ALLOWED
+        if client_class is ClientClass.ALLOWLISTED:
+            # Only TikTok/ByteDance names count as `allowlisted`: that is the exemption in use.
+            verdict = Verdict.ALLOWLISTED if rule is not None else Verdict.ALLOWED
+            return Decision(verdict, client_class, rule, device)
+        if rule is not None:
+            return Decision(Verdict.UNMANAGED, client_class, rule)
+        return _UNMANAGED_ALLOWED
+
+    def decide_text(self, client_ip: str, name: str, now: float, mac: str | None = None
+                    ) -> Decision:
+        """decide() for a name in presentation form (CLI `check`, API `decision`)."""
+        return self.decide(client_ip, mac, text_to_wire(name), now)
+
+    def chain_rule(self, names: list[str]) -> str | None:
+        """CNAME inspection (DESIGN §2): the rule that blocks any name an answer leads to."""
+        for name in names:
+            rule = self.matcher.match_text(name)
+            if rule is not None:
+                return rule
+        return None
