@@ -58,14 +58,14 @@ class Running:
 
     async def ask(self, name: str, rdtype: str = "A", source: str = MANAGED, tcp: bool = False,
                   use_edns: bool = True, options: list[Any] | None = None, payload: int = 1232,
-                  timeout: float = 3.0) -> dns.message.Message:
+                  wait: float = 3.0) -> dns.message.Message:
         q = dns.message.make_query(name, rdtype, use_edns=0 if use_edns else False,
                                    payload=payload, options=options or [])
         if tcp:
             return await dns.asyncquery.tcp(q, "127.0.0.1", port=self.port, source=source,
-                                            timeout=timeout)
+                                            timeout=wait)
         return await dns.asyncquery.udp(q, "127.0.0.1", port=self.port, source=source,
-                                        timeout=timeout, ignore_trailing=False)
+                                        timeout=wait, ignore_trailing=False)
 
     @property
     def metrics(self) -> Any:

@@ -16,8 +16,10 @@ from typing import Any
 
 from tiktokguard.policy.clients import IPNetwork
 
-BUNDLED_LISTS = Path(__file__).resolve().parent / "blocklists"
-_REPO_LISTS = Path(__file__).resolve().parent.parent / "blocklists"  # editable installs
+_PACKAGE = Path(__file__).resolve().parent
+# The lists ship inside the package (wheel); an editable install finds them at the repo's top.
+BUNDLED_LISTS = next((d for d in (_PACKAGE / "blocklists", _PACKAGE.parent / "blocklists")
+                      if (d / "tiktok-bytedance.txt").is_file()), _PACKAGE / "blocklists")
 DEFAULT_BLOCKLIST = "blocklists/tiktok-bytedance.txt"
 BLOCK_MODES = ("nxdomain", "null", "refused", "redirect")
 LOOPBACK = ("127.0.0.0/8", "::1/128")
@@ -291,8 +293,10 @@ def resolve_list_path(entry: str, base: Path) -> Path | None:
     path = Path(entry).expanduser()
     if path.is_absolute():
         return path if path.is_file() else None
-    for root in (base, BUNDLED_LISTS.parent, _REPO_LISTS.parent):
-        candidate = root / path
+    candidates = [base / path]
+    if path.parts and path.parts[0] == "blocklists":
+        candidates.append(BUNDLED_LISTS.joinpath(*path.parts[1:]))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
     return None

@@ -37,8 +37,10 @@ def build_engine(config: Config, devices: DeviceIndex | None = None,
                  matcher: DomainMatcher | None = None) -> PolicyEngine:
     """The policy engine for a config (also used by `tiktokguard check`). Raises ListError."""
     policy = config.policy
+    if devices is None:
+        devices = DeviceIndex()
     classifier = ClientClassifier(config.dns.allow_clients, policy.managed_networks,
-                                  policy.edns_mac_trusted_relays, devices or DeviceIndex())
+                                  policy.edns_mac_trusted_relays, devices)
     if matcher is None:
         matcher = load_lists(policy.blocklists)
     return PolicyEngine(matcher, classifier, policy.bypass_countermeasures)
@@ -62,7 +64,7 @@ class Daemon:
         self.config = config
         self.clock = clock
         self.metrics = Metrics()
-        self.devices = devices or DeviceIndex()
+        self.devices = devices if devices is not None else DeviceIndex()
         self.engine = build_engine(config, self.devices)  # raises ListError before binding
         self.cache = AnswerCache(config.dns.cache_size)
         self.pool = UpstreamPool(config.dns.upstreams, config.dns.upstream_timeout_ms / 1000,
@@ -146,7 +148,7 @@ class Daemon:
                 self.list_error = str(exc)
                 self._list_stamp = stamp
                 self.metrics.list_reload_errors.inc()
-                log.error("blocklist_reload_failed", reason=reason, error=str(exc),
+                log.error("blocklists_reload_failed", reason=reason, error=str(exc),
                           kept_rules=len(self.engine.matcher))
                 return False
             self.engine.matcher = matcher

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import dnslib
 
 from tiktokguard.dns.answers import BlockAnswers, finish_answer
-from tiktokguard.dns.cache import AnswerCache, CacheEntry, cache_ttl
+from tiktokguard.dns.cache import SERVFAIL_TTL, AnswerCache, CacheEntry, CacheKey, cache_ttl
 from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
 from tiktokguard.dns.wire import (
     BADVERS,
@@ -30,6 +30,7 @@ from tiktokguard.dns.wire import (
     DropPacket,
     Query,
     QueryError,
+    bare_response,
     error_response,
     parse_query,
     response,
@@ -95,8 +96,7 @@ class Resolver:
         if verdict is Verdict.BLOCKED:
             return self._block(query, decision, decision.rule or "", client_ip, mac, transport,
                                now, started)
-        key = (query.qname, query.qtype, query.qclass, query.do)
-        entry = self.cache.get(key, now)
+        entry = self.cache.get(self._key(query), now)
         if entry is not None:
             self.metrics.cache_hits.inc()
             if entry.chain_rule is not None and decision.client_class is ClientClass.MANAGED:
@@ -108,6 +108,10 @@ class Resolver:
             return wire
         self.metrics.cache_misses.inc()
         return self._forward(query, decision, client_ip, mac, transport, started)
+
+    @staticmethod
+    def _key(query: Query) -> CacheKey:
+        return (query.qname, query.qtype, query.qclass, query.do)
 
     def _mac(self, query: Query, client_ip: str) -> str | None:
         # A MAC from EDNS is believed only from a configured relay (DESIGN §1): anyone else
@@ -137,6 +141,12 @@ class Resolver:
             reply = await self.pool.resolve(query.qname, query.qtype, query.qclass, query.flags,
                                             query.do)
         except AllUpstreamsFailed as exc:
+            # RFC 9520 §3.2: remember the failure briefly, so a retry storm does not hit
+            # upstreams that are already failing.
+            now = self.clock()
+            failure = bare_response(query, SERVFAIL)
+            self.cache.put(self._key(query), CacheEntry(failure, (), now, now + SERVFAIL_TTL,
+                                                        len(failure)))
             self._count[transport, Verdict.ERROR].inc()
             self._duration.observe(time.perf_counter() - started)
             return response(query, SERVFAIL, ede=(EDE_NETWORK_ERROR, f"upstreams failed: {exc}"))
@@ -145,7 +155,7 @@ class Resolver:
         chain_rule = self._chain_rule(wire) if index.ancount else None
         entry = CacheEntry(wire, index.ttl_offsets, now, now + cache_ttl(index),
                            index.question_end, chain_rule)
-        self.cache.put((query.qname, query.qtype, query.qclass, query.do), entry)
+        self.cache.put(self._key(query), entry)
         if chain_rule is not None and decision.client_class is ClientClass.MANAGED:
             return self._block(query, decision, chain_rule, client_ip, mac, transport, now,
                                started)

@@ -290,6 +290,12 @@ def response(query: Query, rcode: int, answers: bytes = b"", ancount: int = 0,
     return header + query.question + answers + authority + opt
 
 
+def bare_response(query: Query, rcode: int) -> bytes:
+    """Header and question only, without OPT (the form answers take in the cache)."""
+    flags = _flags_for_answer(query.flags, rcode)
+    return _HEADER.pack(query.id, flags, 1, 0, 0, 0) + query.question
+
+
 def soa_record(owner: bytes, ttl: int) -> bytes:
     """A synthetic SOA (RFC 2308 §3): its TTL and MINIMUM bound how long clients cache the
     negative answer. owner is a wire name or a 2-byte compression pointer."""

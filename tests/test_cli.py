@@ -1,0 +1,170 @@
+"""The command line, run as a real process: `check`, `serve` on the embedded default, bad config,
+SIGHUP reload and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import dns.asyncquery
+import dns.message
+import dns.rcode
+import pytest
+
+from tests.conftest import free_port, write_config
+from tests.fakes import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "tiktokguard"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=30,
+                          cwd=cwd or ROOT)
+
+
+def test_check_blocked_name_prints_rule_and_exits_1() -> None:
+    result = run_cli("check", "www.tiktok.com")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.split("\t")[0] == "blocked"
+    assert "rule=tiktok.com" in result.stdout
+    assert "client=127.0.0.1 (managed)" in result.stdout
+
+
+def test_check_other_name_and_other_clients(tmp_path: Path) -> None:
+    assert run_cli("check", "example.org").returncode == 0
+    config = write_config(tmp_path, ["192.0.2.1:53"], 5300, None)
+    unmanaged = run_cli("check", "www.tiktok.com", "--client", "127.0.1.9", "--config",
+                        str(config))
+    assert unmanaged.returncode == 0 and unmanaged.stdout.startswith("unmanaged")
+    refused = run_cli("check", "a.test", "--client", "127.2.0.1", "--config", str(config))
+    assert refused.returncode == 1 and refused.stdout.startswith("refused")
+
+
+def test_check_usage_errors() -> None:
+    assert run_cli("check", "www.tiktok.com", "--client", "nope").returncode == 2
+    bad = run_cli("check", "a..b")
+    assert bad.returncode == 2 and "invalid name" in bad.stderr
+
+
+def test_bad_config_exits_2_naming_key_and_file_before_binding(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[dns]\nlisten = ["127.0.0.1:{port}"]\nupstreams = ["192.0.2.1"]\n'
+                      '[policy]\nmanaged_networks = ["10.0.0.0/99"]\n')
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert str(config) in result.stderr and "[policy] managed_networks" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", port))  # nothing was bound
+
+
+def test_broken_list_at_start_exits_2_with_file_and_line(tmp_path: Path) -> None:
+    lists = tmp_path / "l.txt"
+    lists.write_text("tiktok.com\nnot a domain\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[dns]\nupstreams = ["192.0.2.1"]\n[policy]\nblocklists = ["{lists}"]\n')
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2 and f"{lists}:2" in result.stderr
+
+
+@asynccontextmanager
+async def serve(*args: str, cwd: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = await asyncio.create_subprocess_exec(*CLI, "serve", "--log-format", "json", *args,
+                                                cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        await wait_for_event(proc, "started")
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def wait_for_event(proc: asyncio.subprocess.Process, event: str,
+                         seconds: float = 15) -> dict[str, object]:
+    assert proc.stdout is not None
+    async with asyncio.timeout(seconds):
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                err = await proc.stderr.read() if proc.stderr else b""
+                raise AssertionError(f"daemon exited before {event}: {err.decode()}")
+            record = json.loads(line)
+            if record.get("event") == event:
+                return record
+
+
+def port_free(port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            u.bind(("127.0.0.1", port))
+            t.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (port_free(5353) and port_free(8053)),
+                    reason="127.0.0.1:5353 or :8053 is taken on this machine")
+async def test_serve_with_no_arguments_runs_the_embedded_default(tmp_path: Path) -> None:
+    async with serve(cwd=tmp_path) as proc:
+        for tcp in (False, True):
+            q = dns.message.make_query("www.tiktok.com", "A", use_edns=0)
+            send = dns.asyncquery.tcp if tcp else dns.asyncquery.udp
+            reply = await send(q, "127.0.0.1", port=5353, timeout=3)
+            assert reply.rcode() == dns.rcode.NXDOMAIN
+            assert [o.code for o in reply.options] == [15]
+        async with aiohttp.ClientSession() as http:
+            async with http.get("http://127.0.0.1:8053/healthz") as resp:
+                assert resp.status == 200
+            async with http.get("http://127.0.0.1:8053/metrics") as resp:
+                text = await resp.text()
+                assert 'tiktokguard_dns_queries_total{decision="blocked",transport="udp"} 1.0' \
+                    in text
+        proc.send_signal(signal.SIGTERM)
+        await wait_for_event(proc, "stopped")
+        assert await proc.wait() == 0
+
+
+async def test_sighup_reloads_lists_without_restart(tmp_path: Path) -> None:
+    upstream = await FakeUpstream().start()
+    try:
+        lists = tmp_path / "mine.txt"
+        lists.write_text("tiktok.com\n")
+        port = free_port()
+        config = write_config(tmp_path, [upstream.address], port, None,
+                              f'[policy]\nblocklists = ["{lists}"]')
+        async with serve("--config", str(config), cwd=tmp_path) as proc:
+            q = dns.message.make_query("www.douyin.com", "A")
+            reply = await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
+            assert reply.authority[0].name.to_text() == "test."  # forwarded
+            lists.write_text("tiktok.com\ndouyin.com\n")
+            proc.send_signal(signal.SIGHUP)
+            record = await wait_for_event(proc, "blocklists_reloaded")
+            assert record["rules"] == 2
+            reply = await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
+            assert reply.authority[0].name.to_text() == "douyin.com."
+            lists.write_text("tiktok.com\n0.0.0.0 a b\n")
+            proc.send_signal(signal.SIGHUP)
+            record = await wait_for_event(proc, "blocklists_reload_failed")
+            assert f"{lists}:2" in str(record["error"]) and record["kept_rules"] == 2
+            reply = await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
+            assert reply.authority[0].name.to_text() == "douyin.com."
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    finally:
+        upstream.close()

@@ -1,0 +1,200 @@
+"""The hand-written wire reader and answer builders, cross-checked against dnslib and dnspython."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import dnslib
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tiktokguard.dns.answers import BlockAnswers, finish_answer
+from tiktokguard.dns.cache import CacheEntry, cache_ttl
+from tiktokguard.dns.wire import (
+    EDNS_OPTION_MAC,
+    FORMERR,
+    NOTIMP,
+    DropPacket,
+    QueryError,
+    build_query,
+    decode_mac_option,
+    index_response,
+    parse_query,
+    strip_opt,
+    text_to_wire,
+    wire_to_text,
+)
+
+labels = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_",
+                 min_size=1, max_size=20)
+names = st.lists(labels, min_size=1, max_size=6).map(".".join)
+qtypes = st.sampled_from([1, 2, 5, 6, 12, 15, 16, 28, 33, 64, 65, 255])
+
+
+@given(name=names, qtype=qtypes, edns=st.booleans(), do=st.booleans(),
+       payload=st.integers(512, 4096), qid=st.integers(0, 65535))
+def test_parse_query_agrees_with_dnslib(name: str, qtype: int, edns: bool, do: bool,
+                                        payload: int, qid: int) -> None:
+    q = dns.message.make_query(name, qtype, use_edns=0 if edns else False, payload=payload,
+                               want_dnssec=do and edns)
+    q.id = qid
+    wire = q.to_wire()
+    parsed = parse_query(wire)
+    reference = dnslib.DNSRecord.parse(wire)
+    assert parsed.id == reference.header.id
+    assert parsed.qtype == reference.q.qtype and parsed.qclass == reference.q.qclass
+    assert parsed.qname == text_to_wire(str(reference.q.qname))
+    assert parsed.name == str(reference.q.qname).rstrip(".").lower()
+    assert parsed.question == wire[12:12 + len(parsed.question)]
+    assert parsed.edns == edns
+    if edns:
+        assert parsed.udp_size == payload and parsed.do == do
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=300))
+def test_parse_query_never_crashes_on_garbage(data: bytes) -> None:
+    """Arbitrary bytes: a Query, a QueryError or DropPacket, never anything else."""
+    try:
+        query = parse_query(data)
+    except (DropPacket, QueryError):
+        return
+    assert query.question == data[12:12 + len(query.question)]
+    assert query.qname == query.question[:-4].lower()
+
+
+@given(prefix=st.binary(min_size=12, max_size=12), body=st.binary(max_size=200))
+def test_parse_query_header_fuzz(prefix: bytes, body: bytes) -> None:
+    data = bytearray(prefix + body)
+    data[2] &= 0x7F  # make it a query
+    with contextlib.suppress(DropPacket, QueryError):
+        parse_query(bytes(data))
+
+
+def test_query_errors() -> None:
+    with pytest.raises(DropPacket):
+        parse_query(b"\x00" * 11)
+    response = dns.message.make_response(dns.message.make_query("a.example", "A")).to_wire()
+    with pytest.raises(DropPacket):
+        parse_query(response)
+    q = dns.message.make_query("a.example", "A")
+    q.set_opcode(dns.opcode.NOTIFY)
+    with pytest.raises(QueryError) as err:
+        parse_query(q.to_wire())
+    assert err.value.rcode == NOTIMP
+    pointer = struct.pack("!HHHHHH", 1, 0x100, 1, 0, 0, 0) + b"\xc0\x0c\x00\x01\x00\x01"
+    with pytest.raises(QueryError) as err:
+        parse_query(pointer)
+    assert err.value.rcode == FORMERR
+
+
+def test_two_opt_records_are_formerr() -> None:
+    q = dns.message.make_query("a.example", "A", use_edns=0)
+    wire = bytearray(q.to_wire())
+    opt = bytes(wire[-11:])
+    wire += opt
+    struct.pack_into("!H", wire, 10, 2)
+    with pytest.raises(QueryError) as err:
+        parse_query(bytes(wire))
+    assert err.value.rcode == FORMERR
+
+
+@pytest.mark.parametrize("encoded", [bytes.fromhex("02005e100001"), b"02:00:5e:10:00:01",
+                                     b"AgBeEAAB"])
+def test_mac_option_encodings(encoded: bytes) -> None:
+    assert decode_mac_option(encoded) == bytes.fromhex("02005e100001")
+    q = dns.message.make_query("a.example", "A", use_edns=0,
+                               options=[dns.edns.GenericOption(EDNS_OPTION_MAC, encoded)])
+    assert parse_query(q.to_wire()).mac == bytes.fromhex("02005e100001")
+
+
+@pytest.mark.parametrize("encoded", [b"", b"\x01", b"zz:zz:zz:zz:zz:zz", b"!!!!!!!!"])
+def test_bad_mac_option_is_ignored(encoded: bytes) -> None:
+    assert decode_mac_option(encoded) is None
+
+
+@given(name=names)
+def test_wire_text_round_trip(name: str) -> None:
+    assert wire_to_text(text_to_wire(name)) == name.lower()
+
+
+def test_wire_to_text_escapes_odd_bytes() -> None:
+    assert wire_to_text(b"\x03a.b\x03com\x00") == "a\\046b.com"
+    assert wire_to_text(b"\x00") == ""
+
+
+@pytest.mark.parametrize("mode", ["nxdomain", "null", "refused", "redirect"])
+@given(name=names, qtype=qtypes, edns=st.booleans())
+def test_block_answers_parse_with_dnspython(mode: str, name: str, qtype: int,
+                                            edns: bool) -> None:
+    builder = BlockAnswers(mode, 123, "192.0.2.80", "2001:db8::80")
+    q = dns.message.make_query(name + ".tiktok.com", qtype, use_edns=0 if edns else False)
+    wire = builder.blocked(parse_query(q.to_wire()), "tiktok.com")
+    reply = dns.message.from_wire(wire)
+    assert reply.id == q.id and reply.question == q.question
+    assert reply.flags & dns.flags.QR and reply.flags & dns.flags.RD
+    assert (reply.edns >= 0) == edns
+    if edns:
+        assert [o.code for o in reply.options] == [dns.edns.EDECode.BLOCKED]
+    if mode == "nxdomain":
+        assert reply.rcode() == dns.rcode.NXDOMAIN
+    if reply.authority:
+        assert reply.authority[0].name == dns.name.from_text("tiktok.com")
+        assert reply.authority[0].ttl == 123 and reply.authority[0][0].minimum == 123
+
+
+def test_upstream_query_carries_no_client_options() -> None:
+    wire = build_query(0x4242, 0x0110 | 0x8000, text_to_wire("a.example"), 1, 1, True)
+    message = dns.message.from_wire(wire)
+    assert message.id == 0x4242 and message.flags & dns.flags.RD and message.flags & dns.flags.CD
+    assert not message.flags & dns.flags.QR
+    assert message.edns == 0 and message.ednsflags & dns.flags.DO and message.options == ()
+
+
+def _upstream_reply(ttl: int = 300) -> bytes:
+    q = dns.message.make_query("www.example.com", "A", use_edns=0)
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text("www.example.com.", ttl, "IN", "CNAME", "e.example.net."))
+    r.answer.append(dns.rrset.from_text("e.example.net.", ttl // 2, "IN", "A", "192.0.2.1"))
+    r.authority.append(dns.rrset.from_text("example.net.", 50_000, "IN", "NS", "ns.example.net."))
+    return r.to_wire()
+
+
+def test_index_and_strip_opt_and_render_agree_with_dnspython() -> None:
+    wire = _upstream_reply()
+    index = index_response(wire)
+    assert index.opt_span is not None and index.min_ttl == 150
+    stripped, sindex = strip_opt(wire, index)
+    assert dns.message.from_wire(stripped).edns < 0
+    entry = CacheEntry(stripped, sindex.ttl_offsets, 1000.0, 1000.0 + cache_ttl(sindex),
+                       sindex.question_end)
+    client = dns.message.make_query("WWW.example.COM", "A", use_edns=0)
+    query = parse_query(client.to_wire())
+    rendered = finish_answer(query, entry.render(client.id, query.question, 1100.0), udp=True)
+    reply = dns.message.from_wire(rendered)
+    assert reply.id == client.id and reply.question[0].name.to_text() == "WWW.example.COM."
+    assert [rr.ttl for rr in reply.answer] == [200, 50]
+    assert reply.authority[0].ttl == 50_000 - 100
+    assert reply.edns == 0
+    expired = entry.render(client.id, query.question, 1000.0 + 10**6)
+    assert all(rr.ttl == 0 for rr in dns.message.from_wire(expired).answer)
+
+
+@pytest.mark.parametrize("garbage", [b"\x00" * 12 + b"\x01", _upstream_reply()[:-3],
+                                     _upstream_reply() + b"\x00"])
+def test_index_rejects_malformed_responses(garbage: bytes) -> None:
+    data = bytearray(garbage)
+    if len(data) == 13:
+        struct.pack_into("!H", data, 4, 1)
+    with pytest.raises(ValueError):
+        index_response(bytes(data))
