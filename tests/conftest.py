@@ -24,7 +24,6 @@ import pytest
 from tests.fakes import FakeUpstream
 from tiktokguard.config import load_config
 from tiktokguard.daemon import Daemon
-from tiktokguard.policy.clients import DeviceIndex
 
 MANAGED = "127.0.0.5"
 UNMANAGED = "127.0.1.5"
@@ -70,6 +69,13 @@ class Running:
     @property
     def metrics(self) -> Any:
         return self.daemon.metrics
+
+    async def add_device(self, **fields: Any) -> str:
+        """Allowlist a device through the device service (as the API does); returns its id."""
+        body = {"name": "phone", "custodian": "C. Custodian", "supervisor": "S. Supervisor",
+                "ticket": "SR-1", **fields}
+        assert self.daemon.devices_service is not None
+        return (await self.daemon.devices_service.create(body, "test")).id
 
 
 def write_config(tmp_path: Path, upstreams: list[str], port: int, http_port: int | None,
@@ -127,13 +133,13 @@ def _merge(base: str, extra: str) -> str:
 
 @contextlib.asynccontextmanager
 async def running_daemon(tmp_path: Path, upstreams: list[str], extra: str = "",
-                         devices: DeviceIndex | None = None, http: bool = False,
-                         clock: Callable[[], float] | None = None) -> AsyncIterator[Running]:
+                         http: bool = False, clock: Callable[[], float] | None = None
+                         ) -> AsyncIterator[Running]:
     port = free_port()
     http_port = free_port() if http else None
     path = write_config(tmp_path, upstreams, port, http_port, extra)
     config = load_config(path)
-    daemon = Daemon(config, devices=devices, **({'clock': clock} if clock else {}))
+    daemon = Daemon(config, **({"clock": clock} if clock else {}))
     async with contextlib.AsyncExitStack() as stack:
         await daemon.start(stack)
         yield Running(daemon, port, http_port, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import struct
 from pathlib import Path
@@ -29,7 +28,6 @@ from tests.conftest import (
 )
 from tests.fakes import FakeUpstream
 from tiktokguard.dns.wire import EDNS_OPTION_MAC
-from tiktokguard.policy.clients import Device, DeviceIndex
 
 ALL_TYPES = ["A", "AAAA", "HTTPS", "SVCB", "CNAME", "TXT", "MX", "ANY", "NS", "SOA", "SRV"]
 
@@ -116,41 +114,33 @@ async def test_unmanaged_client_is_not_filtered(tg: Running, upstream: FakeUpstr
     assert value(tg.metrics.queries, transport="udp", decision="unmanaged") == 1
 
 
-async def test_allowlisted_device_by_ip_and_cidr(tmp_path: Path, upstream: FakeUpstream) -> None:
-    devices = DeviceIndex([
-        Device("d1", "comms phone", (ipaddress.ip_network(f"{DEVICE_IP}/32"),)),
-        Device("d2", "lab phones", (ipaddress.ip_network("127.0.0.96/29"),)),
-    ])
-    async with running_daemon(tmp_path, [upstream.address], devices=devices) as tg:
-        for source in (DEVICE_IP, "127.0.0.100"):
-            reply = await tg.ask("www.tiktok.com", source=source)
-            assert reply.rcode() == dns.rcode.NXDOMAIN  # the fake upstream's own NXDOMAIN
-            assert soa_of(reply)[0] == "test.", "answer must come from upstream, not a block"
-        assert upstream.count("www.tiktok.com") == 1  # second one from cache
-        assert value(tg.metrics.queries, transport="udp", decision="allowlisted") == 2
-        # A neighbour outside the CIDR is still blocked.
-        reply = await tg.ask("www.tiktok.com", source="127.0.0.104")
-        assert soa_of(reply)[0] == "tiktok.com."
+async def test_allowlisted_device_by_ip_and_cidr(tg: Running, upstream: FakeUpstream) -> None:
+    await tg.add_device(addresses=[DEVICE_IP])
+    await tg.add_device(addresses=["127.0.0.96/29"])
+    for source in (DEVICE_IP, "127.0.0.100"):
+        reply = await tg.ask("www.tiktok.com", source=source)
+        assert reply.rcode() == dns.rcode.NXDOMAIN  # the fake upstream's own NXDOMAIN
+        assert soa_of(reply)[0] == "test.", "answer must come from upstream, not a block"
+    assert upstream.count("www.tiktok.com") == 1  # second one from cache
+    assert value(tg.metrics.queries, transport="udp", decision="allowlisted") == 2
+    # A neighbour outside the CIDR is still blocked.
+    reply = await tg.ask("www.tiktok.com", source="127.0.0.104")
+    assert soa_of(reply)[0] == "tiktok.com."
 
 
-async def test_device_change_takes_effect_on_next_query(tmp_path: Path,
-                                                        upstream: FakeUpstream) -> None:
-    devices = DeviceIndex()
-    async with running_daemon(tmp_path, [upstream.address], devices=devices) as tg:
-        assert soa_of(await tg.ask("tiktok.com", source=DEVICE_IP))[0] == "tiktok.com."
-        phone = Device("d1", "phone", (ipaddress.ip_network(DEVICE_IP),))
-        devices.put(phone)
-        assert soa_of(await tg.ask("tiktok.com", source=DEVICE_IP))[0] == "test."
-        devices.put(Device("d1", "phone", phone.addresses, active=False))
-        assert soa_of(await tg.ask("tiktok.com", source=DEVICE_IP))[0] == "tiktok.com."
+async def test_device_change_takes_effect_on_next_query(tg: Running) -> None:
+    assert soa_of(await tg.ask("tiktok.com", source=DEVICE_IP))[0] == "tiktok.com."
+    device_id = await tg.add_device(addresses=[DEVICE_IP])
+    assert soa_of(await tg.ask("tiktok.com", source=DEVICE_IP))[0] == "test."
+    assert tg.daemon.devices_service is not None
+    await tg.daemon.devices_service.deactivate(device_id, "test")
+    assert soa_of(await tg.ask("tiktok.com", source=DEVICE_IP))[0] == "tiktok.com."
 
 
 async def test_expired_device_is_blocked(tmp_path: Path, upstream: FakeUpstream) -> None:
     now = [1_000_000.0]
-    devices = DeviceIndex([Device("d1", "phone", (ipaddress.ip_network(DEVICE_IP),),
-                                  expires_at=1_000_100.0)])
-    async with running_daemon(tmp_path, [upstream.address], devices=devices,
-                              clock=lambda: now[0]) as tg:
+    async with running_daemon(tmp_path, [upstream.address], clock=lambda: now[0]) as tg:
+        await tg.add_device(addresses=[DEVICE_IP], expires_at="1970-01-12T13:48:20Z")
         assert soa_of(await tg.ask("tiktok.com", source=DEVICE_IP))[0] == "test."
         now[0] = 1_000_100.0
         assert soa_of(await tg.ask("tiktok.com", source=DEVICE_IP))[0] == "tiktok.com."
@@ -162,8 +152,8 @@ def mac_option(mac: str) -> dns.edns.GenericOption:
 
 async def test_mac_from_trusted_relay_exempts_device(tmp_path: Path,
                                                      upstream: FakeUpstream) -> None:
-    devices = DeviceIndex([Device("d1", "phone", macs=("02:00:5e:10:00:01",))])
-    async with running_daemon(tmp_path, [upstream.address], devices=devices) as tg:
+    async with running_daemon(tmp_path, [upstream.address]) as tg:
+        await tg.add_device(macs=["02-00-5E-10-00-01"])
         option = [mac_option("02:00:5e:10:00:01")]
         reply = await tg.ask("tiktok.com", source=RELAY, options=option)
         assert soa_of(reply)[0] == "test.", "trusted relay's MAC option must be believed"

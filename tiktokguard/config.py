@@ -74,6 +74,8 @@ class PolicyConfig:
     """A answer for block_mode = "redirect" (e.g. a page explaining the policy)."""
     redirect_ipv6: str | None = None
     """AAAA answer for block_mode = "redirect"."""
+    neighbour_table: bool = True
+    """Learn client MACs from the kernel neighbour table (resolver on the clients' L2 segment)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,8 @@ class HttpConfig:
     """The HTTP API, health and metrics listener; "" turns it off."""
     tokens: dict[str, TokenConfig] = field(default_factory=dict)
     """API tokens by name: role admin or viewer, and the SHA-256 of the token."""
+    metrics_token: bool = False
+    """Require a viewer (or admin) token for GET /metrics."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,10 @@ class IncidentsConfig:
     """One incident per (client, rule) per window."""
     webhook_url: str = ""
     """Optional: POST each new incident as JSON."""
+    retention_days: int = 90
+    """Stored incidents older than this are deleted."""
+    max_rows: int = 100_000
+    """At most this many incidents are kept (newest first)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +223,13 @@ def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
     return parse
 
 
+def _webhook_url(value: Any) -> str:
+    text = _string(value)
+    if text and not re.match(r"^https?://[^\s/]+", text):
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
 def _http_listen(value: Any) -> HostPort | None:
     if value == "":
         return None
@@ -261,11 +276,14 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "edns_mac_trusted_relays": _list_of(parse_network),
         "redirect_ipv4": _ip_text(4),
         "redirect_ipv6": _ip_text(6),
+        "neighbour_table": _bool,
     }),
-    "http": (HttpConfig, {"listen": _http_listen, "tokens": _tokens}),
+    "http": (HttpConfig, {"listen": _http_listen, "tokens": _tokens, "metrics_token": _bool}),
     "incidents": (IncidentsConfig, {
         "window_seconds": _int_in(1, 86_400 * 7),
-        "webhook_url": _string,
+        "webhook_url": _webhook_url,
+        "retention_days": _int_in(1, 3650),
+        "max_rows": _int_in(100, 100_000_000),
     }),
     "state": (StateConfig, {"dir": _string}),
 }

@@ -9,27 +9,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from tiktokguard.api.app import make_app
+from tiktokguard.api.auth import TokenTable, ensure_tokens
 from tiktokguard.config import Config
+from tiktokguard.devices.service import DeviceService
+from tiktokguard.devices.store import SqliteStore, Store
 from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import AnswerCache
 from tiktokguard.dns.resolver import Resolver
 from tiktokguard.dns.server import ServerState, start_listeners
 from tiktokguard.dns.upstream import UpstreamPool
+from tiktokguard.incidents import IncidentAggregator
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
+from tiktokguard.neighbours import NeighbourTable
 from tiktokguard.policy.clients import ClientClassifier, DeviceIndex
 from tiktokguard.policy.domains import DomainMatcher, ListError, load_lists
 from tiktokguard.policy.engine import PolicyEngine
 
 LIST_POLL_SECONDS = 5.0
 DRAIN_SECONDS = 5.0
+EXPIRY_CHECK_SECONDS = 60.0
+DB_FILE = "tiktokguard.sqlite3"
 log = get_logger()
 
 
@@ -73,10 +82,21 @@ class Daemon:
         policy = config.policy
         self.blocks = BlockAnswers(policy.block_mode, policy.block_ttl, policy.redirect_ipv4,
                                    policy.redirect_ipv6)
+        self.incidents = IncidentAggregator(
+            config.incidents.window_seconds, self.metrics, config.incidents.webhook_url,
+            config.incidents.retention_days, config.incidents.max_rows,
+            describe=self._describe_client, clock=clock)
+        self.neighbours = (NeighbourTable(self.metrics, lambda: self.devices.has_macs)
+                           if policy.neighbour_table else None)
         self.resolver = Resolver(self.engine, self.cache, self.pool, self.blocks, self.metrics,
-                                 clock=clock)
+                                 incidents=self.incidents, macs=self.neighbours, clock=clock)
         self.server = ServerState(self.resolver, config.dns.tcp_idle_timeout_ms / 1000,
                                   config.dns.max_tcp_connections)
+        self.store: Store | None = None
+        self.devices_service: DeviceService | None = None  # type: ignore[assignment]
+        self.tokens = TokenTable({})
+        self.token_file: Path | None = None
+        self._expiry_wake = asyncio.Event()
         self.listeners: list[asyncio.BaseTransport | asyncio.Server] = []
         self.http_runner: web.AppRunner | None = None
         self.list_error: str | None = None
@@ -88,7 +108,23 @@ class Daemon:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
-        """Bind every listener (raises OSError naming the address) and start background work."""
+        """Open the state, bind every listener (raises OSError naming the address) and start
+        the background work. Everything is undone in reverse by the stack."""
+        state_dir = self.config.state.dir
+        self.store = store = await SqliteStore.open(state_dir / DB_FILE)
+        stack.push_async_callback(store.close)
+        self.devices_service = DeviceService(store, self.devices)
+        self.devices_service.on_change.append(self._expiry_wake.set)
+        await self.devices_service.load()
+        configured = {n: (t.role, t.sha256) for n, t in self.config.http.tokens.items()}
+        self.tokens, self.token_file = await ensure_tokens(store, configured, state_dir)
+        self.incidents.store = store
+        await self._task(stack, self.incidents.run())
+        if self.config.incidents.webhook_url:
+            await self._task(stack, self.incidents.webhook_worker())
+        await self._task(stack, self._watch_expiry())
+        if self.neighbours is not None:
+            await self._task(stack, self.neighbours.run())
         self.listeners = await start_listeners(self.server, self.config.dns.listen)
         stack.callback(self._close_listeners)
         if self.config.http.listen is not None:
@@ -102,8 +138,18 @@ class Daemon:
                 raise OSError(exc.errno, f"cannot listen on {address} (http): "
                                          f"{exc.strerror}") from None
             self.http_runner = runner
-        watcher = asyncio.get_running_loop().create_task(self._watch_lists())
-        stack.callback(watcher.cancel)
+        await self._task(stack, self._watch_lists())
+
+    async def _task(self, stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, Any]
+                    ) -> None:
+        """Run coro in the background until the stack unwinds, then cancel and await it."""
+        task = asyncio.get_running_loop().create_task(coro)
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        stack.push_async_callback(stop)
 
     def _close_listeners(self) -> None:
         for item in self.listeners:
@@ -122,6 +168,11 @@ class Daemon:
                 stack.callback(loop.remove_signal_handler, sig)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            if self.token_file is not None:
+                # Printed once, on the start that created it (DESIGN §3 embedded default).
+                print(f"tiktokguard: admin API token written to {self.token_file}",
+                      file=sys.stderr)
+                log.info("admin_token_created", path=str(self.token_file))
             log.info("started", dns=[str(a) for a in self.config.dns.listen],
                      http=str(self.config.http.listen) if self.config.http.listen else None,
                      upstreams=[str(u) for u in self.config.dns.upstreams],
@@ -166,6 +217,36 @@ class Daemon:
             await asyncio.sleep(LIST_POLL_SECONDS)
             if _list_stamp(self.config.policy.blocklists) != self._list_stamp:
                 await self.reload("list file changed")
+
+    # -- devices ------------------------------------------------------------------------------
+
+    async def _watch_expiry(self) -> None:
+        """Audit each device's expiry once, when it happens (the index already stops exempting
+        it at that moment; this documents it, as the policy asks IT to)."""
+        service = self.devices_service
+        assert service is not None
+        while True:
+            await service.audit_expiries()
+            upcoming = service.next_expiry()
+            wait = EXPIRY_CHECK_SECONDS
+            if upcoming is not None:
+                wait = min(wait, max(0.0, upcoming.timestamp() - self.clock()) + 0.01)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._expiry_wake.wait()
+            self._expiry_wake.clear()
+
+    def _describe_client(self, client_ip: str, mac: str | None) -> str | None:
+        """The name of a (deactivated or expired) device record matching a blocked client."""
+        if self.devices_service is None:
+            return None
+        for record in self.devices_service.records.values():
+            if mac is not None and mac in record.macs:
+                return record.name
+        for record in self.devices_service.records.values():
+            if client_ip in record.addresses:
+                return record.name
+        return None
 
     # -- status -------------------------------------------------------------------------------
 

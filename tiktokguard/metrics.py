@@ -48,6 +48,12 @@ class Metrics:
         self.list_reload_errors = Counter("tiktokguard_blocklist_reload_errors",
                                           "List reloads that failed (previous lists kept)",
                                           registry=r)
+        self.webhook_sent = Counter("tiktokguard_incident_webhook_sent",
+                                    "Incidents delivered to the webhook", registry=r)
+        self.webhook_dropped = Counter("tiktokguard_incident_webhook_dropped",
+                                       "Incidents the webhook never got", ["reason"], registry=r)
+        self.neighbour_errors = Counter("tiktokguard_neighbour_table_errors",
+                                        "Failed reads of the kernel neighbour table", registry=r)
         # Bound once: the per-query path increments these without a labels() look-up.
         self.query_child = {(t, v): self.queries.labels(t, v.value)
                             for t in TRANSPORTS for v in Verdict}

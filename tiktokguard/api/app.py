@@ -1,41 +1,276 @@
-"""HTTP listener (aiohttp): health, readiness and Prometheus metrics."""
+"""HTTP API (aiohttp): health, metrics, devices, audit, incidents, decisions, reload (DESIGN §3).
+
+Errors are JSON `{"error", "field"}`: 400 bad input, 401 no or unknown token, 403 wrong role,
+404, 409 (address or MAC on another active device). Bad input never yields a 500.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import ipaddress
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tiktokguard.api.auth import role_allows
+from tiktokguard.api.openapi import openapi_document
+from tiktokguard.devices.model import ValidationError, format_time, parse_time
+from tiktokguard.devices.service import Conflict, NotFound
+from tiktokguard.logs import get_logger
+from tiktokguard.policy.clients import normalise_mac
 
 if TYPE_CHECKING:
     from tiktokguard.daemon import Daemon
 
 DAEMON = web.AppKey("daemon", "Daemon")
+MAX_BODY = 64 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_ROLE: dict[Handler, str | None] = {}
+log = get_logger("tiktokguard.api")
 
 
+def needs(role: str | None) -> Callable[[Handler], Handler]:
+    """Mark a handler with the role it needs (None: open)."""
+    def mark(handler: Handler) -> Handler:
+        _ROLE[handler] = role
+        return handler
+    return mark
+
+
+def error(status: int, message: str, field: str | None = None) -> web.Response:
+    return web.json_response({"error": message, "field": field}, status=status)
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    actor = None
+    try:
+        route_handler = request.match_info.route.handler
+        needed = _ROLE.get(route_handler)  # type: ignore[arg-type]
+        if needed is not None:
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                response = error(401, "missing bearer token")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="tiktokguard"'
+                return response
+            identity = request.app[DAEMON].tokens.authenticate(token.strip())
+            if identity is None:
+                response = error(401, "unknown token")
+                response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+                return response
+            actor, role = identity
+            if not role_allows(role, needed):
+                return error(403, f"token {actor!r} has role {role}; this needs {needed}")
+            request["actor"] = actor
+        response = await handler(request)
+        return response
+    except ValidationError as exc:
+        return error(400, exc.message, exc.field)
+    except NotFound as exc:
+        return error(404, f"no device {exc}")
+    except Conflict as exc:
+        return error(409, exc.message, exc.field)
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            return error(413, f"request body larger than {MAX_BODY} bytes")
+        if exc.empty_body or exc.status < 400:
+            raise
+        return error(exc.status, exc.reason)
+    finally:
+        if request.path.startswith("/api/"):
+            log.info("api_request", method=request.method, path=request.path, actor=actor,
+                     ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+async def _body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise ValidationError(None, "expected Content-Type: application/json")
+    try:
+        raw = await request.read()
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationError(None, f"invalid JSON: {exc}") from None
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ValidationError(name, f"expected a whole number from {low} to {high}")
+    return int(text)
+
+
+def _since(request: web.Request) -> str | None:
+    text = request.query.get("since")
+    if text is None:
+        return None
+    return format_time(parse_time(text, "since"))
+
+
+# -- open ------------------------------------------------------------------------------------------
+
+
+@needs(None)
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@needs(None)
 async def readyz(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    problems = daemon.readiness_problems()
+    problems = request.app[DAEMON].readiness_problems()
     if problems:
         return web.json_response({"status": "not ready", "problems": problems}, status=503)
     return web.json_response({"status": "ready"})
 
 
+@needs(None)
 async def metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
+    if daemon.config.http.metrics_token:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or daemon.tokens.authenticate(token.strip()) is None:
+            return error(401, "metrics need a viewer token ([http] metrics_token = true)")
     daemon.refresh_gauges()
     body = generate_latest(daemon.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+@needs(None)
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+# -- devices ---------------------------------------------------------------------------------------
+
+
+@needs("viewer")
+async def list_devices(request: web.Request) -> web.Response:
+    active_text = request.query.get("active")
+    if active_text not in (None, "true", "false"):
+        raise ValidationError("active", "expected true or false")
+    active = None if active_text is None else active_text == "true"
+    service = request.app[DAEMON].devices_service
+    records = service.list(active)
+    return web.json_response({"devices": [r.to_json() for r in records]})
+
+
+@needs("viewer")
+async def get_device(request: web.Request) -> web.Response:
+    service = request.app[DAEMON].devices_service
+    return web.json_response(service.get(request.match_info["id"]).to_json())
+
+
+@needs("admin")
+async def create_device(request: web.Request) -> web.Response:
+    service = request.app[DAEMON].devices_service
+    record = await service.create(await _body(request), request["actor"])
+    return web.json_response(record.to_json(), status=201,
+                             headers={"Location": f"/api/v1/devices/{record.id}"})
+
+
+@needs("admin")
+async def update_device(request: web.Request) -> web.Response:
+    service = request.app[DAEMON].devices_service
+    record = await service.update(request.match_info["id"], await _body(request),
+                                  request["actor"])
+    return web.json_response(record.to_json())
+
+
+@needs("admin")
+async def deactivate_device(request: web.Request) -> web.Response:
+    service = request.app[DAEMON].devices_service
+    record = await service.deactivate(request.match_info["id"], request["actor"])
+    return web.json_response(record.to_json())
+
+
+@needs("viewer")
+async def audit(request: web.Request) -> web.Response:
+    store = request.app[DAEMON].store
+    entries = await store.audit(request.query.get("device_id"), _since(request),
+                                _int_param(request, "limit", 100, 1, 1000),
+                                _int_param(request, "offset", 0, 0, 10**9))
+    return web.json_response({"entries": entries})
+
+
+@needs("viewer")
+async def incidents(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    await daemon.incidents.flush()
+    rows = await daemon.store.incidents(_since(request), request.query.get("client"),
+                                        request.query.get("rule"),
+                                        _int_param(request, "limit", 100, 1, 1000),
+                                        _int_param(request, "offset", 0, 0, 10**9))
+    return web.json_response({"incidents": rows})
+
+
+@needs("viewer")
+async def decision(request: web.Request) -> web.Response:
+    client = request.query.get("client", "")
+    name = request.query.get("name", "")
+    try:
+        ipaddress.ip_address(client)
+    except ValueError:
+        raise ValidationError("client", "expected an IP address") from None
+    if not name:
+        raise ValidationError("name", "expected a query name")
+    mac_text = request.query.get("mac")
+    try:
+        mac = normalise_mac(mac_text) if mac_text else None
+    except ValueError as exc:
+        raise ValidationError("mac", str(exc)) from None
+    daemon = request.app[DAEMON]
+    try:
+        result = daemon.engine.decide_text(client, name, daemon.clock(), mac=mac)
+    except ValueError as exc:
+        raise ValidationError("name", f"invalid name: {exc}") from None
+    device = result.device
+    return web.json_response({
+        "client": client, "name": name, "mac": mac,
+        "decision": result.verdict.value,
+        "client_class": result.client_class.value,
+        "rule": result.rule,
+        "device": {"id": device.id, "name": device.name} if device else None,
+        "explanation": result.explain(),
+    })
+
+
+@needs("admin")
+async def reload(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    ok = await daemon.reload("api")
+    if not ok:
+        return error(422, f"lists not reloaded, previous lists kept: {daemon.list_error}",
+                     "blocklists")
+    return web.json_response({"status": "reloaded", "rules": len(daemon.engine.matcher)})
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("GET", "/metrics", metrics),
+    ("GET", "/openapi.json", openapi),
+    ("GET", "/api/v1/devices", list_devices),
+    ("POST", "/api/v1/devices", create_device),
+    ("GET", "/api/v1/devices/{id}", get_device),
+    ("PATCH", "/api/v1/devices/{id}", update_device),
+    ("DELETE", "/api/v1/devices/{id}", deactivate_device),
+    ("GET", "/api/v1/audit", audit),
+    ("GET", "/api/v1/incidents", incidents),
+    ("GET", "/api/v1/decision", decision),
+    ("POST", "/api/v1/reload", reload),
+]
+
+
 def make_app(daemon: Daemon) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_and_auth])
     app[DAEMON] = daemon
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
     return app

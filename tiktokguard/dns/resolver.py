@@ -118,7 +118,7 @@ class Resolver:
         # could claim a social media device's MAC.
         if query.mac is not None and self.engine.classifier.trusts_mac_from(client_ip):
             return mac_to_text(query.mac)
-        if self.macs is not None:
+        if self.macs is not None and self.engine.classifier.devices.has_macs:
             return self.macs.mac_of(client_ip)
         return None
 

@@ -118,6 +118,11 @@ class DeviceIndex:
     def __len__(self) -> int:
         return sum(1 for d in self.devices.values() if d.active)
 
+    @property
+    def has_macs(self) -> bool:
+        """Is any active device listed by MAC? (If not, nobody needs to learn MACs.)"""
+        return bool(self._by_mac)
+
     def active_count(self, now: float) -> int:
         return sum(1 for d in self.devices.values() if d.exempt_at(now))
 

@@ -1,0 +1,213 @@
+"""The API's OpenAPI 3.1 document, served at /openapi.json and checked against the routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tiktokguard import __version__
+
+_STR = {"type": "string"}
+_TIME = {"type": "string", "format": "date-time"}
+_NULL_TIME = {"type": ["string", "null"], "format": "date-time"}
+
+DEVICE = {
+    "type": "object",
+    "required": ["id", "name", "addresses", "macs", "custodian", "supervisor", "ticket",
+                 "location", "expires_at", "active", "expired", "created_at", "updated_at"],
+    "properties": {
+        "id": _STR,
+        "name": _STR,
+        "addresses": {"type": "array", "items": _STR},
+        "macs": {"type": "array", "items": _STR},
+        "custodian": _STR,
+        "supervisor": _STR,
+        "ticket": _STR,
+        "location": _STR,
+        "expires_at": _NULL_TIME,
+        "active": {"type": "boolean"},
+        "expired": {"type": "boolean"},
+        "created_at": _TIME,
+        "updated_at": _TIME,
+    },
+    "additionalProperties": False,
+}
+
+_EDITABLE = {
+    "name": {"type": "string", "minLength": 1, "maxLength": 200},
+    "addresses": {"type": "array", "items": {"type": "string"}, "maxItems": 64,
+                  "description": "IPv4/IPv6 addresses or CIDRs (at most /16 or /48 wide)"},
+    "macs": {"type": "array", "items": {"type": "string"}, "maxItems": 64,
+             "description": "MAC addresses in any common notation"},
+    "custodian": {"type": "string", "minLength": 1, "maxLength": 200},
+    "supervisor": {"type": "string", "minLength": 1, "maxLength": 200},
+    "ticket": {"type": "string", "minLength": 1, "maxLength": 200},
+    "location": {"type": "string", "maxLength": 200},
+    "expires_at": {"type": ["string", "null"], "format": "date-time"},
+    "active": {"type": "boolean"},
+}
+
+DEVICE_CREATE = {
+    "type": "object",
+    "required": ["name", "custodian", "supervisor", "ticket"],
+    "properties": _EDITABLE,
+    "additionalProperties": False,
+    "description": "At least one of addresses or macs is needed.",
+}
+
+DEVICE_PATCH = {"type": "object", "properties": _EDITABLE, "additionalProperties": False,
+                "minProperties": 1}
+
+ERROR = {
+    "type": "object",
+    "required": ["error", "field"],
+    "properties": {"error": _STR, "field": {"type": ["string", "null"]}},
+}
+
+AUDIT_ENTRY = {
+    "type": "object",
+    "required": ["seq", "at", "actor", "action", "device_id", "before", "after"],
+    "properties": {
+        "seq": {"type": "integer"},
+        "at": _TIME,
+        "actor": _STR,
+        "action": {"enum": ["create", "update", "deactivate", "reactivate", "expire"]},
+        "device_id": _STR,
+        "before": {"oneOf": [{"$ref": "#/components/schemas/Device"}, {"type": "null"}]},
+        "after": {"oneOf": [{"$ref": "#/components/schemas/Device"}, {"type": "null"}]},
+    },
+}
+
+INCIDENT = {
+    "type": "object",
+    "required": ["incident_id", "client_ip", "client_mac", "name", "rule", "qtype", "count",
+                 "first_seen", "last_seen"],
+    "properties": {
+        "incident_id": _STR, "client_ip": _STR, "client_mac": {"type": ["string", "null"]},
+        "device_name": {"type": ["string", "null"]}, "name": _STR, "rule": _STR, "qtype": _STR,
+        "count": {"type": "integer", "minimum": 1}, "first_seen": _TIME, "last_seen": _TIME,
+    },
+}
+
+DECISION = {
+    "type": "object",
+    "required": ["client", "name", "decision", "client_class", "rule", "device", "explanation"],
+    "properties": {
+        "client": _STR, "name": _STR, "mac": {"type": ["string", "null"]},
+        "decision": {"enum": ["allowed", "blocked", "allowlisted", "unmanaged", "refused"]},
+        "client_class": {"enum": ["refused", "allowlisted", "managed", "unmanaged"]},
+        "rule": {"type": ["string", "null"]},
+        "device": {"oneOf": [{"type": "null"}, {
+            "type": "object", "required": ["id", "name"],
+            "properties": {"id": _STR, "name": _STR}}]},
+        "explanation": _STR,
+    },
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "Bad input", 401: "No or unknown token", 403: "Wrong role", 404: "Not found",
+            409: "Address or MAC on another active device", 413: "Body too large",
+            422: "Lists could not be reloaded"}
+    return {str(c): _json(_ref("Error"), text[c]) for c in codes}
+
+
+_PAGING = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                "maximum": 1000}},
+    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                 "maximum": 1000000000}},
+    {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+]
+_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_VIEW = [{"bearer": []}]
+
+
+def openapi_document() -> dict[str, Any]:
+    device_list = {"type": "object", "required": ["devices"],
+                   "properties": {"devices": {"type": "array", "items": _ref("Device")}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tiktokguard API", "version": __version__,
+                 "description": "Social media devices, audit trail, incidents and decisions of "
+                                "the tiktokguard DNS enforcement daemon."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Device": DEVICE, "DeviceCreate": DEVICE_CREATE,
+                        "DevicePatch": DEVICE_PATCH, "Error": ERROR, "AuditEntry": AUDIT_ENTRY,
+                        "Incident": INCIDENT, "Decision": DECISION},
+        },
+        "paths": {
+            "/healthz": {"get": {"summary": "Process alive", "security": [],
+                                 "responses": {"200": _json({"type": "object"}, "Alive")}}},
+            "/readyz": {"get": {"summary": "Listeners bound and lists loaded", "security": [],
+                                "responses": {"200": _json({"type": "object"}, "Ready"),
+                                              "503": _json({"type": "object"}, "Not ready")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "security": [],
+                                 "responses": {"200": {"description": "Metrics",
+                                                       "content": {"text/plain": {
+                                                           "schema": {"type": "string"}}}},
+                                               **_errors(401)}}},
+            "/openapi.json": {"get": {"summary": "This document", "security": [],
+                                      "responses": {"200": _json({"type": "object"}, "OpenAPI")}}},
+            "/api/v1/devices": {
+                "get": {"summary": "List devices (viewer)", "security": _VIEW,
+                        "parameters": [{"name": "active", "in": "query",
+                                        "schema": {"enum": ["true", "false"]}}],
+                        "responses": {"200": _json(device_list, "Devices"), **_errors(400, 401)}},
+                "post": {"summary": "Allowlist a social media device (admin)", "security": _VIEW,
+                         "requestBody": {"required": True, "content": {"application/json": {
+                             "schema": _ref("DeviceCreate")}}},
+                         "responses": {"201": _json(_ref("Device"), "Created"),
+                                       **_errors(400, 401, 403, 409, 413)}},
+            },
+            "/api/v1/devices/{id}": {
+                "get": {"summary": "One device (viewer)", "security": _VIEW, "parameters": _ID,
+                        "responses": {"200": _json(_ref("Device"), "Device"),
+                                      **_errors(401, 404)}},
+                "patch": {"summary": "Update a device (admin)", "security": _VIEW,
+                          "parameters": _ID,
+                          "requestBody": {"required": True, "content": {"application/json": {
+                              "schema": _ref("DevicePatch")}}},
+                          "responses": {"200": _json(_ref("Device"), "Updated"),
+                                        **_errors(400, 401, 403, 404, 409, 413)}},
+                "delete": {"summary": "Deactivate a device; record and history stay (admin)",
+                           "security": _VIEW, "parameters": _ID,
+                           "responses": {"200": _json(_ref("Device"), "Deactivated"),
+                                         **_errors(401, 403, 404)}},
+            },
+            "/api/v1/audit": {"get": {
+                "summary": "Audit trail of device changes (viewer)", "security": _VIEW,
+                "parameters": [{"name": "device_id", "in": "query", "schema": _STR}, *_PAGING],
+                "responses": {"200": _json({"type": "object", "required": ["entries"],
+                                            "properties": {"entries": {
+                                                "type": "array", "items": _ref("AuditEntry")}}},
+                                           "Entries, oldest first"), **_errors(400, 401)}}},
+            "/api/v1/incidents": {"get": {
+                "summary": "Policy violation incidents (viewer)", "security": _VIEW,
+                "parameters": [{"name": "client", "in": "query", "schema": _STR},
+                               {"name": "rule", "in": "query", "schema": _STR}, *_PAGING],
+                "responses": {"200": _json({"type": "object", "required": ["incidents"],
+                                            "properties": {"incidents": {
+                                                "type": "array", "items": _ref("Incident")}}},
+                                           "Incidents, newest first"), **_errors(400, 401)}}},
+            "/api/v1/decision": {"get": {
+                "summary": "How a query would be decided, and why (viewer)", "security": _VIEW,
+                "parameters": [
+                    {"name": "client", "in": "query", "required": True, "schema": _STR},
+                    {"name": "name", "in": "query", "required": True, "schema": _STR},
+                    {"name": "mac", "in": "query", "schema": _STR}],
+                "responses": {"200": _json(_ref("Decision"), "Decision"), **_errors(400, 401)}}},
+            "/api/v1/reload": {"post": {
+                "summary": "Reload the block lists (admin)", "security": _VIEW,
+                "responses": {"200": _json({"type": "object"}, "Reloaded"),
+                              **_errors(401, 403, 422)}}},
+        },
+    }

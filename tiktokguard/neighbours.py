@@ -1,0 +1,78 @@
+"""Client MACs from the kernel neighbour table (pyroute2), for resolvers on the clients' L2 segment.
+
+Look-ups are dict reads; the table is dumped over netlink in a worker thread in the background
+(every few seconds while some device is listed by MAC, and soon after an unknown client asks), so
+the event loop never waits on the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from tiktokguard.logs import get_logger
+from tiktokguard.metrics import Metrics
+
+# NUD states whose link-layer address is usable (linux/neighbour.h).
+NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_PERMANENT, NUD_NOARP = (
+    0x02, 0x04, 0x08, 0x10, 0x80, 0x40)
+_USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT | NUD_NOARP
+MIN_REFRESH_GAP = 1.0
+log = get_logger("tiktokguard.neighbours")
+
+
+def dump_neighbours(netns: str | None = None) -> dict[str, str]:
+    """IP → MAC of every usable neighbour entry (blocking: call it from a thread)."""
+    from pyroute2 import IPRoute, NetNS
+
+    table: dict[str, str] = {}
+    with (NetNS(netns) if netns else IPRoute()) as ipr:
+        for message in ipr.get_neighbours():
+            if not message["state"] & _USABLE:
+                continue
+            ip = message.get_attr("NDA_DST")
+            mac = message.get_attr("NDA_LLADDR")
+            if ip and mac and mac != "00:00:00:00:00:00":
+                table[ip] = mac.lower()
+    return table
+
+
+class NeighbourTable:
+    def __init__(self, metrics: Metrics, wanted: Callable[[], bool],
+                 refresh_seconds: float = 5.0,
+                 dump: Callable[[], dict[str, str]] = dump_neighbours) -> None:
+        self.metrics = metrics
+        self.wanted = wanted  # is any device listed by MAC? Otherwise nothing is read.
+        self.refresh_seconds = refresh_seconds
+        self.dump = dump
+        self.table: dict[str, str] = {}
+        self._last = 0.0
+        self._wake = asyncio.Event()
+
+    def mac_of(self, client_ip: str) -> str | None:
+        mac = self.table.get(client_ip)
+        if mac is None and self.wanted() and time.monotonic() - self._last > MIN_REFRESH_GAP:
+            self._wake.set()  # an unknown client: read the table again soon
+        return mac
+
+    async def refresh(self) -> None:
+        self._last = time.monotonic()
+        try:
+            self.table = await asyncio.to_thread(self.dump)
+        except Exception as exc:  # netlink refused (no permission, no netlink): keep going
+            self.metrics.neighbour_errors.inc()
+            log.warning("neighbour_table_unreadable", error=str(exc))
+
+    async def run(self) -> None:
+        while True:
+            if self.wanted():
+                await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.refresh_seconds):
+                    await self._wake.wait()
+            self._wake.clear()
+            gap = MIN_REFRESH_GAP - (time.monotonic() - self._last)
+            if gap > 0:
+                await asyncio.sleep(gap)
