@@ -9,7 +9,6 @@ Client classes used throughout (see running_daemon's config):
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import dns.message
 import dns.rdatatype
 import pytest
 
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, free_port
 from tiktokguard.config import load_config
 from tiktokguard.daemon import Daemon
 
@@ -30,22 +29,6 @@ UNMANAGED = "127.0.1.5"
 OUTSIDER = "127.2.0.1"
 DEVICE_IP = "127.0.0.20"
 RELAY = "127.0.0.53"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP right now."""
-    for _ in range(50):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = udp.getsockname()[1]
-            with socket.socket(family, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return int(port)
-    raise RuntimeError("no free port")
 
 
 @dataclass

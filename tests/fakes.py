@@ -16,10 +16,29 @@ anything else: NXDOMAIN with SOA (TTL 120, minimum 60).
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import struct
 from dataclasses import dataclass, field
 
 from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP right now, below the kernel's ephemeral range (so the
+    daemon's own upstream sockets cannot take it between this check and the bind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200):
+        port = random.randint(10_000, 30_000)
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as udp, \
+                    socket.socket(family, socket.SOCK_STREAM) as tcp:
+                udp.bind((host, port))
+                tcp.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
 
 
 @dataclass
@@ -123,9 +142,10 @@ class FakeUpstream:
             finally:
                 writer.close()
 
+        if not self.port:
+            self.port = free_port(self.host)
         self._udp, _ = await loop.create_datagram_endpoint(
             Udp, local_addr=(self.host, self.port))
-        self.port = self._udp.get_extra_info("sockname")[1]
         self._tcp = await asyncio.start_server(tcp, self.host, self.port)
         return self
 

@@ -20,8 +20,8 @@ import dns.message
 import dns.rcode
 import pytest
 
-from tests.conftest import free_port, write_config
-from tests.fakes import FakeUpstream
+from tests.conftest import write_config
+from tests.fakes import FakeUpstream, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "tiktokguard"]

@@ -26,7 +26,7 @@ from tests.conftest import (
     running_daemon,
     value,
 )
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, free_port
 from tiktokguard.dns.wire import EDNS_OPTION_MAC
 
 ALL_TYPES = ["A", "AAAA", "HTTPS", "SVCB", "CNAME", "TXT", "MX", "ANY", "NS", "SOA", "SRV"]
@@ -509,7 +509,6 @@ def ipv6_loopback() -> bool:
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
 async def test_ipv6_listener(tmp_path: Path, upstream: FakeUpstream) -> None:
-    from tests.conftest import free_port
     port = free_port("::1")
     extra = f'[dns]\nlisten = ["[::1]:{port}"]'
     async with running_daemon(tmp_path, [upstream.address], extra=extra):

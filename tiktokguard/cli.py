@@ -1,4 +1,4 @@
-"""Command line (DESIGN §3): `tiktokguard serve` and `tiktokguard check`.
+"""Command line (DESIGN §3): `tiktokguard serve`, `tiktokguard check`, `tiktokguard devices`.
 
 Exit status: 0 success (for `check`: the name would be resolved), 1 `check` says blocked or
 refused, 2 bad usage or configuration (nothing was bound).
@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from tiktokguard.config import Config, ConfigError, Overrides, load_config
+from tiktokguard.devices import cli as devices_cli
 from tiktokguard.policy.domains import ListError
 from tiktokguard.policy.engine import Verdict
 
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--client", metavar="IP",
                        help="client address (default: one in the first managed network)")
     check.add_argument("--config", help="TOML config file (default: the embedded default)")
+
+    devices_cli.add_parser(sub)
     return parser
 
 
@@ -115,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "devices":
+        return devices_cli.run(args)
     return cmd_check(args)
 
 

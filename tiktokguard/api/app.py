@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tiktokguard.daemon import Daemon
 
 DAEMON = web.AppKey("daemon", "Daemon")
+ACTOR = web.RequestKey("actor", str)
 MAX_BODY = 64 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _ROLE: dict[Handler, str | None] = {}
@@ -66,7 +67,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
             actor, role = identity
             if not role_allows(role, needed):
                 return error(403, f"token {actor!r} has role {role}; this needs {needed}")
-            request["actor"] = actor
+            request[ACTOR] = actor
         response = await handler(request)
         return response
     except ValidationError as exc:
@@ -170,7 +171,7 @@ async def get_device(request: web.Request) -> web.Response:
 @needs("admin")
 async def create_device(request: web.Request) -> web.Response:
     service = request.app[DAEMON].devices_service
-    record = await service.create(await _body(request), request["actor"])
+    record = await service.create(await _body(request), request[ACTOR])
     return web.json_response(record.to_json(), status=201,
                              headers={"Location": f"/api/v1/devices/{record.id}"})
 
@@ -179,14 +180,14 @@ async def create_device(request: web.Request) -> web.Response:
 async def update_device(request: web.Request) -> web.Response:
     service = request.app[DAEMON].devices_service
     record = await service.update(request.match_info["id"], await _body(request),
-                                  request["actor"])
+                                  request[ACTOR])
     return web.json_response(record.to_json())
 
 
 @needs("admin")
 async def deactivate_device(request: web.Request) -> web.Response:
     service = request.app[DAEMON].devices_service
-    record = await service.deactivate(request.match_info["id"], request["actor"])
+    record = await service.deactivate(request.match_info["id"], request[ACTOR])
     return web.json_response(record.to_json())
 
 
