@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tiktokguard.api.auth import role_allows
-from tiktokguard.api.openapi import openapi_document
+from tiktokguard.api.openapi import openapi_document, query_parameters
 from tiktokguard.devices.model import ValidationError, format_time, parse_time
 from tiktokguard.devices.service import Conflict, NotFound
 from tiktokguard.logs import get_logger
@@ -30,6 +30,7 @@ ACTOR = web.RequestKey("actor", str)
 MAX_BODY = 64 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _ROLE: dict[Handler, str | None] = {}
+_QUERY = query_parameters()
 log = get_logger("tiktokguard.api")
 
 
@@ -68,6 +69,13 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
             if not role_allows(role, needed):
                 return error(403, f"token {actor!r} has role {role}; this needs {needed}")
             request[ACTOR] = actor
+        resource = request.match_info.route.resource
+        if resource is not None and request.query:
+            allowed = _QUERY.get((request.method, resource.canonical), frozenset())
+            for name in request.query:
+                if name not in allowed:
+                    # A typo in a script (?devce_id=) must not silently list everything.
+                    raise ValidationError(name, f"unknown query parameter {name!r}")
         response = await handler(request)
         return response
     except ValidationError as exc:
@@ -81,7 +89,11 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
             return error(413, f"request body larger than {MAX_BODY} bytes")
         if exc.empty_body or exc.status < 400:
             raise
-        return error(exc.status, exc.reason)
+        response = error(exc.status, exc.reason)
+        for name in ("Allow", "WWW-Authenticate"):  # RFC 9110 wants Allow on a 405
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
     finally:
         if request.path.startswith("/api/"):
             log.info("api_request", method=request.method, path=request.path, actor=actor,

@@ -32,16 +32,27 @@ DEVICE = {
     "additionalProperties": False,
 }
 
+# Text fields: no control characters; required ones need something besides white space.
+_TEXT = {"type": "string", "maxLength": 200, "pattern": "^[^\\u0000-\\u001f]*$"}
+_REQUIRED_TEXT = {**_TEXT, "minLength": 1,
+                  "pattern": "^[^\\u0000-\\u001f]*[^\\s\\u0000-\\u001f][^\\u0000-\\u001f]*$"}
+_ADDRESS = {"type": "string", "description": "IP address, or CIDR at most /16 (IPv4) or /48 "
+                                             "(IPv6) wide with no host bits set",
+            "anyOf": [{"format": "ipv4"}, {"format": "ipv6"},
+                      {"pattern": "^[0-9a-fA-F.:]+/[0-9]{1,3}$"}]}
+_MAC = {"type": "string", "description": "MAC address: aa:bb:cc:dd:ee:ff, aa-bb-..., "
+                                         "aabb.ccdd.eeff or aabbccddeeff, any case",
+        "pattern": ("^[0-9a-fA-F]{2}([:-]?[0-9a-fA-F]{2}){5}$"
+                    "|^[0-9a-fA-F]{4}(\\.[0-9a-fA-F]{4}){2}$")}
+
 _EDITABLE = {
-    "name": {"type": "string", "minLength": 1, "maxLength": 200},
-    "addresses": {"type": "array", "items": {"type": "string"}, "maxItems": 64,
-                  "description": "IPv4/IPv6 addresses or CIDRs (at most /16 or /48 wide)"},
-    "macs": {"type": "array", "items": {"type": "string"}, "maxItems": 64,
-             "description": "MAC addresses in any common notation"},
-    "custodian": {"type": "string", "minLength": 1, "maxLength": 200},
-    "supervisor": {"type": "string", "minLength": 1, "maxLength": 200},
-    "ticket": {"type": "string", "minLength": 1, "maxLength": 200},
-    "location": {"type": "string", "maxLength": 200},
+    "name": _REQUIRED_TEXT,
+    "addresses": {"type": "array", "items": _ADDRESS, "maxItems": 64},
+    "macs": {"type": "array", "items": _MAC, "maxItems": 64},
+    "custodian": _REQUIRED_TEXT,
+    "supervisor": _REQUIRED_TEXT,
+    "ticket": _REQUIRED_TEXT,
+    "location": _TEXT,
     "expires_at": {"type": ["string", "null"], "format": "date-time"},
     "active": {"type": "boolean"},
 }
@@ -51,7 +62,9 @@ DEVICE_CREATE = {
     "required": ["name", "custodian", "supervisor", "ticket"],
     "properties": _EDITABLE,
     "additionalProperties": False,
-    "description": "At least one of addresses or macs is needed.",
+    "anyOf": [{"required": ["addresses"], "properties": {"addresses": {"minItems": 1}}},
+              {"required": ["macs"], "properties": {"macs": {"minItems": 1}}}],
+    "description": "At least one address or MAC is needed.",
 }
 
 DEVICE_PATCH = {"type": "object", "properties": _EDITABLE, "additionalProperties": False,
@@ -130,6 +143,16 @@ _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string
 _VIEW = [{"bearer": []}]
 
 
+def query_parameters() -> dict[tuple[str, str], frozenset[str]]:
+    """(METHOD, path) → the query parameters the document allows there."""
+    out = {}
+    for path, item in openapi_document()["paths"].items():
+        for method, operation in item.items():
+            out[method.upper(), path] = frozenset(
+                p["name"] for p in operation.get("parameters", []) if p["in"] == "query")
+    return out
+
+
 def openapi_document() -> dict[str, Any]:
     device_list = {"type": "object", "required": ["devices"],
                    "properties": {"devices": {"type": "array", "items": _ref("Device")}}}
@@ -201,9 +224,13 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/decision": {"get": {
                 "summary": "How a query would be decided, and why (viewer)", "security": _VIEW,
                 "parameters": [
-                    {"name": "client", "in": "query", "required": True, "schema": _STR},
-                    {"name": "name", "in": "query", "required": True, "schema": _STR},
-                    {"name": "mac", "in": "query", "schema": _STR}],
+                    {"name": "client", "in": "query", "required": True,
+                     "schema": {"type": "string", "anyOf": [{"format": "ipv4"},
+                                                            {"format": "ipv6"}]}},
+                    {"name": "name", "in": "query", "required": True,
+                     "schema": {"type": "string", "maxLength": 253,
+                                "pattern": "^(?:[!-\\-/-~]{1,63}\\.)*[!-\\-/-~]{1,63}\\.?$"}},
+                    {"name": "mac", "in": "query", "schema": _MAC}],
                 "responses": {"200": _json(_ref("Decision"), "Decision"), **_errors(400, 401)}}},
             "/api/v1/reload": {"post": {
                 "summary": "Reload the block lists (admin)", "security": _VIEW,
