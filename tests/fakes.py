@@ -158,3 +158,18 @@ class FakeUpstream:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+async def _serve_forever(host: str, port: int) -> None:
+    fake = await FakeUpstream(host=host, port=port).start()
+    print(f"ready {fake.address}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        fake.close()
+
+
+if __name__ == "__main__":  # python -m tests.fakes HOST PORT: a stand-alone fake upstream
+    import sys
+
+    asyncio.run(_serve_forever(sys.argv[1], int(sys.argv[2])))

@@ -115,6 +115,8 @@ class Daemon:
         stack.push_async_callback(store.close)
         self.devices_service = DeviceService(store, self.devices)
         self.devices_service.on_change.append(self._expiry_wake.set)
+        if self.neighbours is not None:
+            self.devices_service.on_change.append(self.neighbours.changed)
         await self.devices_service.load()
         configured = {n: (t.role, t.sha256) for n, t in self.config.http.tokens.items()}
         self.tokens, self.token_file = await ensure_tokens(store, configured, state_dir)

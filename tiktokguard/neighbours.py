@@ -40,6 +40,14 @@ def dump_neighbours(netns: str | None = None) -> dict[str, str]:
 
 
 class NeighbourTable:
+    """IP → MAC, refreshed in the background.
+
+    A client that is about to be blocked and whose address the last dump did not have may be a
+    social media device that just joined the segment: the resolver waits (bounded) for one fresh
+    dump before blocking it, so a device is not handed a block answer it would cache. Addresses
+    a dump did not have are remembered until the next dump, so each waits at most once per dump.
+    """
+
     def __init__(self, metrics: Metrics, wanted: Callable[[], bool],
                  refresh_seconds: float = 5.0,
                  dump: Callable[[], dict[str, str]] = dump_neighbours) -> None:
@@ -48,19 +56,39 @@ class NeighbourTable:
         self.refresh_seconds = refresh_seconds
         self.dump = dump
         self.table: dict[str, str] = {}
+        self._absent: set[str] = set()
         self._last = 0.0
         self._wake = asyncio.Event()
+        self._pending: asyncio.Future[None] | None = None
 
     def mac_of(self, client_ip: str) -> str | None:
+        return self.table.get(client_ip)
+
+    def unknown(self, client_ip: str) -> bool:
+        """Not in the table, and not known to be absent since the last dump."""
+        return client_ip not in self.table and client_ip not in self._absent
+
+    async def learn(self, client_ip: str, wait: float = 0.25) -> str | None:
+        """The client's MAC after a fresh dump (shared by concurrent callers, bounded)."""
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(self.refresh())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await asyncio.shield(self._pending)
         mac = self.table.get(client_ip)
-        if mac is None and self.wanted() and time.monotonic() - self._last > MIN_REFRESH_GAP:
-            self._wake.set()  # an unknown client: read the table again soon
+        if mac is None:
+            self._absent.add(client_ip)
         return mac
+
+    def changed(self) -> None:
+        """Devices changed: read the table again soon (a MAC may now matter)."""
+        self._wake.set()
 
     async def refresh(self) -> None:
         self._last = time.monotonic()
         try:
             self.table = await asyncio.to_thread(self.dump)
+            self._absent = set()
         except Exception as exc:  # netlink refused (no permission, no netlink): keep going
             self.metrics.neighbour_errors.inc()
             log.warning("neighbour_table_unreadable", error=str(exc))

@@ -56,6 +56,10 @@ class MacSource(Protocol):
 
     def mac_of(self, client_ip: str) -> str | None: ...
 
+    def unknown(self, client_ip: str) -> bool: ...
+
+    async def learn(self, client_ip: str) -> str | None: ...
+
 
 class Resolver:
     def __init__(self, engine: PolicyEngine, cache: AnswerCache, pool: UpstreamPool,
@@ -75,7 +79,6 @@ class Resolver:
     def handle(self, data: bytes, client_ip: str, transport: str) -> Result:
         """The answer to one query: bytes now, None to send nothing, or a coroutine to await."""
         started = time.perf_counter()
-        udp = transport == "udp"
         try:
             query = parse_query(data)
         except DropPacket:
@@ -94,16 +97,24 @@ class Resolver:
             self._count[transport, verdict].inc()
             return response(query, REFUSED)
         if verdict is Verdict.BLOCKED:
+            if mac is None and self._may_learn_mac(client_ip):
+                return self._decide_after_learning(query, client_ip, transport, now, started)
             return self._block(query, decision, decision.rule or "", client_ip, mac, transport,
                                now, started)
+        return self._resolve(query, decision, client_ip, mac, transport, now, started)
+
+    def _resolve(self, query: Query, decision: Decision, client_ip: str, mac: str | None,
+                 transport: str, now: float, started: float) -> bytes | Coroutine[Any, Any, bytes]:
+        """A query the policy lets through: from the cache, or from the upstreams."""
         entry = self.cache.get(self._key(query), now)
         if entry is not None:
             self.metrics.cache_hits.inc()
             if entry.chain_rule is not None and decision.client_class is ClientClass.MANAGED:
                 return self._block(query, decision, entry.chain_rule, client_ip, mac, transport,
                                    now, started)
-            wire = finish_answer(query, entry.render(query.id, query.question, now), udp)
-            self._count[transport, verdict].inc()
+            wire = finish_answer(query, entry.render(query.id, query.question, now),
+                                 transport == "udp")
+            self._count[transport, decision.verdict].inc()
             self._duration.observe(time.perf_counter() - started)
             return wire
         self.metrics.cache_misses.inc()
@@ -121,6 +132,25 @@ class Resolver:
         if self.macs is not None and self.engine.classifier.devices.has_macs:
             return self.macs.mac_of(client_ip)
         return None
+
+    def _may_learn_mac(self, client_ip: str) -> bool:
+        macs = self.macs
+        return (macs is not None and self.engine.classifier.devices.has_macs
+                and macs.unknown(client_ip))
+
+    async def _decide_after_learning(self, query: Query, client_ip: str, transport: str,
+                                     now: float, started: float) -> bytes:
+        """A managed client we are about to block, whose MAC we have not seen: it may be a
+        social media device that just joined. Read the neighbour table once more (bounded)
+        before deciding, so the device does not get a block answer it would cache."""
+        assert self.macs is not None
+        mac = await self.macs.learn(client_ip)
+        decision = self.engine.decide(client_ip, mac, query.qname, now)
+        if decision.verdict is Verdict.BLOCKED:
+            return self._block(query, decision, decision.rule or "", client_ip, mac, transport,
+                               now, started)
+        result = self._resolve(query, decision, client_ip, mac, transport, now, started)
+        return result if isinstance(result, bytes) else await result
 
     def _block(self, query: Query, decision: Decision, rule: str, client_ip: str,
                mac: str | None, transport: str, now: float, started: float) -> bytes:
