@@ -38,6 +38,7 @@ from tiktokguard.policy.engine import PolicyEngine
 LIST_POLL_SECONDS = 5.0
 DRAIN_SECONDS = 5.0
 EXPIRY_CHECK_SECONDS = 60.0
+UPSTREAM_READY_WINDOW = 30.0
 DB_FILE = "tiktokguard.sqlite3"
 log = get_logger()
 
@@ -258,6 +259,9 @@ class Daemon:
             problems.append("DNS listeners not bound")
         if self.list_error:
             problems.append(f"last list reload failed: {self.list_error}")
+        if self.pool.failing_since(time.monotonic(), UPSTREAM_READY_WINDOW):
+            problems.append(f"no upstream has answered for {UPSTREAM_READY_WINDOW:g} s "
+                            "while queries were failing")
         return problems
 
     def refresh_gauges(self) -> None:

@@ -88,6 +88,7 @@ class Resolver:
             reason = {NOTIMP: "notimp", BADVERS: "badvers"}.get(err.rcode, "formerr")
             self.metrics.malformed_child[reason].inc()
             self._count[transport, Verdict.ERROR].inc()
+            self._duration.observe(time.perf_counter() - started)
             return error_response(err)
         now = self.clock()
         mac = self._mac(query, client_ip)
@@ -95,6 +96,7 @@ class Resolver:
         verdict = decision.verdict
         if verdict is Verdict.REFUSED:
             self._count[transport, verdict].inc()
+            self._duration.observe(time.perf_counter() - started)
             return response(query, REFUSED)
         if verdict is Verdict.BLOCKED:
             if mac is None and self._may_learn_mac(client_ip):

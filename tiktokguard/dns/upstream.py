@@ -49,6 +49,7 @@ class Upstream:
     failures: int = 0  # consecutive
     down_until: float = 0.0
     last_success: float = 0.0
+    last_failure: float = 0.0
 
     @property
     def name(self) -> str:
@@ -112,8 +113,12 @@ class UpstreamPool:
                          key=lambda u: u.down_until)
         return healthy + resting
 
-    def last_success(self) -> float:
-        return max((u.last_success for u in self.upstreams), default=0.0)
+    def failing_since(self, now: float, window: float) -> bool:
+        """True when upstream exchanges have failed and none succeeded for `window` seconds:
+        all upstreams are down, as far as the queries tell (no probes are sent)."""
+        success = max((u.last_success for u in self.upstreams), default=0.0)
+        failure = max((u.last_failure for u in self.upstreams), default=0.0)
+        return failure > success and now - success > window and now - failure < window
 
     async def resolve(self, qname: bytes, qtype: int, qclass: int, flags: int, do: bool
                       ) -> UpstreamReply:
@@ -164,6 +169,7 @@ class UpstreamPool:
 
     def _failed(self, upstream: Upstream, kind: str) -> None:
         self._count_error(upstream.name, kind)
+        upstream.last_failure = self._clock()
         upstream.failures += 1
         if upstream.failures >= FAILURES_BEFORE_DOWN:
             first, longest = DOWN_SECONDS
