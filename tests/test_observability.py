@@ -135,6 +135,7 @@ async def test_incident_window_and_write_back(tmp_path: Path, upstream: FakeUpst
         now[0] += 30  # 70 s after the first: the window has closed
         await tg.ask("www.tiktok.com")
         status, body = await api.call("GET", "/api/v1/incidents")
+        assert status == 200
         counts = sorted(i["count"] for i in body["incidents"])
         assert counts == [1, 5]  # the first incident's final count was written back
 
@@ -146,7 +147,7 @@ async def test_incident_names_device_and_mac_when_known(tmp_path: Path,
         api = Api(tg, session)
         status, device = await api.call("POST", "/api/v1/devices",
                                         json={**PHONE, "expires_at": "2020-01-01T00:00:00Z"})
-        assert status == 201
+        assert status == 201 and device["expired"]
         await tg.ask("www.tiktok.com", source=DEVICE_IP)  # expired device: blocked
         status, body = await api.call("GET", "/api/v1/incidents")
         (incident,) = body["incidents"]
@@ -154,15 +155,18 @@ async def test_incident_names_device_and_mac_when_known(tmp_path: Path,
 
 
 @pytest.fixture
-async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]], asyncio.Event]]:
     received: list[dict[str, Any]] = []
     attempts: list[int] = []
+    two = asyncio.Event()
 
     async def hook(request: web.Request) -> web.Response:
         attempts.append(1)
         if len(attempts) == 1:
             return web.Response(status=503)  # the first delivery fails: it must be retried
         received.append(await request.json())
+        if len(received) >= 2:
+            two.set()
         return web.Response(status=204)
 
     app = web.Application()
@@ -171,13 +175,14 @@ async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/hook", received
+    yield f"http://127.0.0.1:{port}/hook", received, two
     await runner.cleanup()
 
 
 async def test_webhook_gets_each_incident_once(tmp_path: Path, upstream: FakeUpstream,
-                                               webhook: tuple[str, list[dict[str, Any]]]) -> None:
-    url, received = webhook
+                                               webhook: tuple[str, list[dict[str, Any]],
+                                                              asyncio.Event]) -> None:
+    url, received, two = webhook
     extra = TOKENS + f'\n[incidents]\nwebhook_url = "{url}"'
     async with running_daemon(tmp_path, [upstream.address], extra=extra, http=True) as tg:
         for _ in range(10):
@@ -185,8 +190,7 @@ async def test_webhook_gets_each_incident_once(tmp_path: Path, upstream: FakeUps
         await tg.ask("www.capcut.com")
         await tg.daemon.incidents.flush()
         async with asyncio.timeout(10):
-            while len(received) < 2:  # delivery is asynchronous by design; bounded wait
-                await asyncio.sleep(0.05)
+            await two.wait()
         assert sorted(e["rule"] for e in received) == ["capcut.com", "tiktok.com"]
         assert tg.metrics.webhook_sent._value.get() == 2
 
