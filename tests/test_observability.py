@@ -192,7 +192,11 @@ async def test_webhook_gets_each_incident_once(tmp_path: Path, upstream: FakeUps
         async with asyncio.timeout(10):
             await two.wait()
         assert sorted(e["rule"] for e in received) == ["capcut.com", "tiktok.com"]
-        assert tg.metrics.webhook_sent._value.get() == 2
+        assert received[0]["incident_id"] != received[1]["incident_id"]
+        # Same shape as the log line (the first POST got a 503 and was retried).
+        assert {e["event"] for e in received} == {"policy_violation"}
+        assert {"incident_id", "timestamp", "client_ip", "client_mac", "name", "rule", "qtype",
+                "count", "first_seen", "last_seen"} <= set(received[0])
 
 
 async def test_dead_webhook_does_not_slow_dns(tmp_path: Path, upstream: FakeUpstream) -> None:

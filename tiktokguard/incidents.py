@@ -122,8 +122,10 @@ class IncidentAggregator:
                 log.warning("policy_violation", **{k: v for k, v in event.items()
                                                    if k != "device_name" or v is not None})
                 if self.webhook_url:
+                    payload = {"event": "policy_violation", "timestamp": rfc3339(self.clock()),
+                               **event}
                     try:
-                        self._queue.put_nowait(event)
+                        self._queue.put_nowait(payload)
                     except asyncio.QueueFull:
                         self.metrics.webhook_dropped.labels("queue_full").inc()
             if dirty and self.store is not None:
