@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     logs.configure(json={"auto": None, "json": True, "console": False}[args.log_format])
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, overrides)
     except ListError as exc:
         return _fail(str(exc))
     try:

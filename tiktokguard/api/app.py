@@ -233,6 +233,8 @@ async def decision(request: web.Request) -> web.Response:
         raise ValidationError("client", "expected an IP address") from None
     if not name:
         raise ValidationError("name", "expected a query name")
+    if not name.isascii() or not name.isprintable():
+        raise ValidationError("name", "expected a name in ASCII (IDNs in their xn-- form)")
     mac_text = request.query.get("mac")
     try:
         mac = normalise_mac(mac_text) if mac_text else None
@@ -257,7 +259,7 @@ async def decision(request: web.Request) -> web.Response:
 @needs("admin")
 async def reload(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    ok = await daemon.reload("api")
+    ok = await daemon.reload_lists("api")
     if not ok:
         return error(422, f"lists not reloaded, previous lists kept: {daemon.list_error}",
                      "blocklists")

@@ -90,3 +90,8 @@ class AnswerCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def resize(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        while len(self._entries) > max(max_entries, 0):
+            self._entries.popitem(last=False)

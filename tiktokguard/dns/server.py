@@ -27,12 +27,24 @@ class ServerState:
         self.max_tcp = max_tcp
         self.tcp_connections: set[TcpProtocol] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.servers: list[asyncio.Server] = []
+        self.stopping = False
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def stop_accepting(self) -> None:
+        """Shutdown, first step: take no new queries, keep the sockets to answer those in
+        flight. UDP datagrams are ignored, TCP listeners closed, TCP connections not read."""
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        for connection in self.tcp_connections:
+            if connection.transport is not None:
+                connection.transport.pause_reading()
 
     async def drain(self, seconds: float) -> None:
         """Wait (bounded) for the queries in flight to be answered."""
@@ -50,6 +62,8 @@ class UdpProtocol(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.state.stopping:
+            return
         result = self.handle(data, addr[0], "udp")
         if result is None:
             return
@@ -156,6 +170,22 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _udp_socket(address: HostPort) -> socket.socket:
+    """A bound UDP socket; an IPv6 one is IPv6-only (as asyncio makes TCP ones), so that
+    "0.0.0.0:53" and "[::]:53" can both be listed."""
+    family = _family(address.host)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def start_listeners(state: ServerState, listen: tuple[HostPort, ...]
                           ) -> list[asyncio.BaseTransport | asyncio.Server]:
     """Bind UDP and TCP on every address; raises OSError naming the address on failure."""
@@ -165,13 +195,13 @@ async def start_listeners(state: ServerState, listen: tuple[HostPort, ...]
         for address in listen:
             try:
                 udp, _ = await loop.create_datagram_endpoint(
-                    lambda: UdpProtocol(state), local_addr=(address.host, address.port),
-                    family=_family(address.host))
+                    lambda: UdpProtocol(state), sock=_udp_socket(address))
                 opened.append(udp)
                 tcp = await loop.create_server(
                     lambda: TcpProtocol(state), address.host, address.port,
                     family=_family(address.host), reuse_address=True, backlog=1024)
                 opened.append(tcp)
+                state.servers.append(tcp)
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     except BaseException:
