@@ -10,6 +10,7 @@ Names it knows (under the zone `test.`):
   timeout.test        never answered
   spoof.test          first a reply with a wrong ID, then the right one
   nodata.test         NOERROR with no answer and a SOA (TTL 120, minimum 60)
+With hold=True, UDP replies wait until release(): queries stay in flight as long as a test wants.
 anything else: NXDOMAIN with SOA (TTL 120, minimum 60).
 """
 
@@ -51,6 +52,9 @@ class FakeUpstream:
     sources: list[tuple[str, int]] = field(default_factory=list)
     silent: bool = False  # answer nothing at all (a dead upstream)
     servfail_all: bool = False
+    hold: bool = False  # keep UDP replies until release() (queries "in flight")
+    held: list[tuple[bytes, tuple[str, int]]] = field(default_factory=list)
+    held_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _udp: asyncio.DatagramTransport | None = None
     _tcp: asyncio.Server | None = None
 
@@ -125,7 +129,11 @@ class FakeUpstream:
                 if upstream.silent:
                     return
                 for wire in upstream.answer(data, tcp=False):
-                    self.transport.sendto(wire, addr)  # type: ignore[attr-defined]
+                    if upstream.hold:
+                        upstream.held.append((wire, addr))
+                        upstream.held_changed.set()
+                    else:
+                        self.transport.sendto(wire, addr)  # type: ignore[attr-defined]
 
         async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -148,6 +156,14 @@ class FakeUpstream:
             Udp, local_addr=(self.host, self.port))
         self._tcp = await asyncio.start_server(tcp, self.host, self.port)
         return self
+
+    def release(self) -> None:
+        """Send the held replies and stop holding."""
+        self.hold = False
+        assert self._udp is not None
+        for wire, addr in self.held:
+            self._udp.sendto(wire, addr)
+        self.held.clear()
 
     def close(self) -> None:
         if self._udp is not None:
