@@ -16,6 +16,7 @@ Needs dnsperf and dnsmasq (Debian: apt-get install dnsperf dnsmasq-base). Sends 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -220,7 +221,8 @@ dir = "{tmp / 'state'}"
             servers[2].pids = [tg.pid, *child_pids(tg.pid)]
 
             hot = [f"n{i}.bench.test" for i in range(HOT_NAMES)]
-            blocked_names = [f"{rng.choice(['www', 'v16', 'api', 'm', 'p16'])}{i}.{rng.choice(rules)}"
+            prefixes = ["www", "v16", "api", "m", "p16"]
+            blocked_names = [f"{rng.choice(prefixes)}{i}.{rng.choice(rules)}"
                              for i in range(5_000)]
             mix = [rng.choice(blocked_names) if rng.random() < 0.1 else rng.choice(hot)
                    for _ in range(50_000)]
@@ -261,10 +263,8 @@ dir = "{tmp / 'state'}"
             for server in servers:
                 with_children = [server.proc.pid, *child_pids(server.proc.pid)]
                 for pid in with_children:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
                 try:
                     server.proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
@@ -298,7 +298,7 @@ def print_table(table: dict[tuple[str, str], list[Result]], workloads: list[str]
                   f"{statistics.median(r.avg_ms for r in results):7.3f} {p99} "
                   f"{statistics.median(r.cpu_per_100k for r in results):10.2f} "
                   f"{rss[server.name]:8.1f}")
-        if "dnsmasq" in medians and medians["dnsmasq"]:
+        if medians.get("dnsmasq"):
             print(f"{workload:9} {'ratio':12} {medians['tiktokguard'] / medians['dnsmasq']:9.2f}"
                   "  (tiktokguard / dnsmasq, median q/s)")
     print(f"\n{len(table[workloads[0], servers[0].name])} rounds per cell, alternating; "
