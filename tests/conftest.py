@@ -146,7 +146,7 @@ def ede_codes(message: dns.message.Message) -> list[int]:
     return [o.code for o in message.options if isinstance(o, dns.edns.EDEOption)]
 
 
-def value(metric: Any, **labels: str) -> float:
-    """The current value of a counter child (or a plain counter)."""
-    target = metric.labels(**labels) if labels else metric
-    return float(target._value.get())
+def queries(tg: Running, decision: str, transport: str = "udp") -> float:
+    """tiktokguard_dns_queries_total for one decision and transport."""
+    return tg.metrics.sample("tiktokguard_dns_queries_total", transport=transport,
+                             decision=decision)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import Counter, Histogram
 
 from tiktokguard.metrics import Metrics
 
@@ -22,18 +21,11 @@ METRIC = re.compile(r"\b(tiktokguard_[a-z_]+)")
 
 
 def exported_names() -> set[str]:
-    names: set[str] = set()
-    metrics = Metrics()
-    for collector in list(metrics.registry._collector_to_names):  # every metric we register
-        for family in collector.describe():
-            base = family.name
-            if isinstance(collector, Counter):
-                names |= {base + "_total", base + "_created"}
-            elif isinstance(collector, Histogram):
-                names |= {base + s for s in ("_bucket", "_count", "_sum", "_created")}
-            else:
-                names.add(base)
-    return names
+    """Every sample name the daemon's registry can expose."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum",
+                                                                 "_created"), "gauge": ("",)}
+    return {family.name + suffix for family in Metrics().registry.collect()
+            for suffix in suffixes[family.type]}
 
 
 def dashboard_exprs() -> list[str]:

@@ -23,8 +23,8 @@ from tests.conftest import (
     UNMANAGED,
     Running,
     ede_codes,
+    queries,
     running_daemon,
-    value,
 )
 from tests.fakes import FakeUpstream, free_port
 from tiktokguard.dns.wire import EDNS_OPTION_MAC
@@ -54,8 +54,8 @@ async def test_blocked_name_gets_nxdomain_with_soa_and_ede(tg: Running, upstream
     assert not reply.answer
     assert upstream.count("www.tiktok.com") == 0, "a blocked name must never be forwarded"
     transport = "tcp" if tcp else "udp"
-    assert value(tg.metrics.queries, transport=transport, decision="blocked") == 1
-    assert value(tg.metrics.blocked, rule="tiktok.com") == 1
+    assert queries(tg, "blocked", transport) == 1
+    assert tg.metrics.sample("tiktokguard_dns_blocked_total", rule="tiktok.com") == 1
 
 
 @pytest.mark.parametrize("rdtype", ALL_TYPES)
@@ -95,14 +95,14 @@ async def test_client_outside_allow_clients_is_refused(tg: Running, upstream: Fa
         reply = await tg.ask(name, source=OUTSIDER)
         assert reply.rcode() == dns.rcode.REFUSED
     assert upstream.count("a.test") == 0
-    assert value(tg.metrics.queries, transport="udp", decision="refused") == 2
+    assert queries(tg, "refused", "udp") == 2
 
 
 async def test_managed_client_gets_other_names_resolved(tg: Running) -> None:
     reply = await tg.ask("a.test")
     assert reply.rcode() == dns.rcode.NOERROR
     assert reply.answer[0][0].address == "192.0.2.1"
-    assert value(tg.metrics.queries, transport="udp", decision="allowed") == 1
+    assert queries(tg, "allowed", "udp") == 1
 
 
 async def test_unmanaged_client_is_not_filtered(tg: Running, upstream: FakeUpstream) -> None:
@@ -111,7 +111,7 @@ async def test_unmanaged_client_is_not_filtered(tg: Running, upstream: FakeUpstr
     assert [rr.rdtype for rr in reply.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
     await tg.ask("www.tiktok.com", source=UNMANAGED)
     assert upstream.count("www.tiktok.com") == 1
-    assert value(tg.metrics.queries, transport="udp", decision="unmanaged") == 1
+    assert queries(tg, "unmanaged", "udp") == 1
 
 
 async def test_allowlisted_device_by_ip_and_cidr(tg: Running, upstream: FakeUpstream) -> None:
@@ -122,7 +122,7 @@ async def test_allowlisted_device_by_ip_and_cidr(tg: Running, upstream: FakeUpst
         assert reply.rcode() == dns.rcode.NXDOMAIN  # the fake upstream's own NXDOMAIN
         assert soa_of(reply)[0] == "test.", "answer must come from upstream, not a block"
     assert upstream.count("www.tiktok.com") == 1  # second one from cache
-    assert value(tg.metrics.queries, transport="udp", decision="allowlisted") == 2
+    assert queries(tg, "allowlisted", "udp") == 2
     # A neighbour outside the CIDR is still blocked.
     reply = await tg.ask("www.tiktok.com", source="127.0.0.104")
     assert soa_of(reply)[0] == "tiktok.com."
@@ -280,9 +280,9 @@ async def test_failover_to_next_upstream(tmp_path: Path, upstream: FakeUpstream)
             reply = await tg.ask("a.test")
             assert reply.answer[0][0].address == "192.0.2.1"
             assert len(dead.received) == 1 and len(broken.received) == 1
-            errors = tg.metrics.upstream_errors
-            assert value(errors, upstream=dead.address, kind="timeout") == 1
-            assert value(errors, upstream=broken.address, kind="servfail") == 1
+            errors = "tiktokguard_upstream_errors_total"
+            assert tg.metrics.sample(errors, upstream=dead.address, kind="timeout") == 1
+            assert tg.metrics.sample(errors, upstream=broken.address, kind="servfail") == 1
     finally:
         dead.close()
         broken.close()
@@ -298,7 +298,7 @@ async def test_all_upstreams_down_gives_servfail_not_a_hang(tmp_path: Path) -> N
             reply = await tg.ask("a.test", wait=5)
             assert reply.rcode() == dns.rcode.SERVFAIL
             assert loop.time() - started < 2.0  # 300 ms timeout + fast refusal, not a hang
-            assert value(tg.metrics.queries, transport="udp", decision="error") == 1
+            assert queries(tg, "error", "udp") == 1
     finally:
         dead.close()
         refused_port.close()
@@ -323,7 +323,8 @@ async def test_cache_serves_hits_and_counts_ttl_down(tmp_path: Path,
         assert upstream.count("a.test") == 1
         assert first.answer[0].ttl == 300 and second.answer[0].ttl == 200
         assert second.question[0].name.to_text() == "a.TEST."
-        assert value(tg.metrics.cache_hits) == 1 and value(tg.metrics.cache_misses) == 1
+        assert tg.metrics.sample("tiktokguard_cache_hits_total") == 1
+        assert tg.metrics.sample("tiktokguard_cache_misses_total") == 1
         now[0] += 201
         await tg.ask("a.test")
         assert upstream.count("a.test") == 2
@@ -370,7 +371,7 @@ async def test_cname_chain_to_blocked_name_is_blocked_for_managed(tg: Running) -
         reply = await tg.ask("cname-tiktok.test")
         assert reply.rcode() == dns.rcode.NXDOMAIN
         assert soa_of(reply)[0] == "tiktokcdn.com."
-    assert value(tg.metrics.blocked, rule="tiktokcdn.com") == 2
+    assert tg.metrics.sample("tiktokguard_dns_blocked_total", rule="tiktokcdn.com") == 2
     fine = await tg.ask("cname-ok.test")
     assert fine.rcode() == dns.rcode.NOERROR and len(fine.answer) == 2
 
@@ -397,7 +398,7 @@ async def test_edns_version_1_gets_badvers(tg: Running) -> None:
     q = dns.message.make_query("a.test", "A", use_edns=1)
     reply = dns.message.from_wire(await raw_udp(tg, q.to_wire()))
     assert reply.rcode() == dns.rcode.BADVERS
-    assert value(tg.metrics.malformed, reason="badvers") == 1
+    assert tg.metrics.sample("tiktokguard_malformed_queries_total", reason="badvers") == 1
 
 
 async def test_unknown_edns_option_is_ignored(tg: Running) -> None:
@@ -422,7 +423,7 @@ async def test_qdcount_other_than_one_gets_formerr(tg: Running, qdcount: int) ->
     assert reply is not None
     rid, flags = struct.unpack_from("!HH", reply)
     assert rid == 0x1234 and flags & 0xF == dns.rcode.FORMERR and flags & 0x8000
-    assert value(tg.metrics.malformed, reason="formerr") == 1
+    assert tg.metrics.sample("tiktokguard_malformed_queries_total", reason="formerr") == 1
 
 
 @pytest.mark.parametrize("data", [b"", b"\x12", b"\x12\x34\x01\x00\x00\x01"])
@@ -430,7 +431,7 @@ async def test_short_packets_are_dropped_and_counted(tg: Running, data: bytes) -
     await raw_udp(tg, data, expect_reply=False)
     # The server is still answering, and the drop was counted before that answer.
     assert (await tg.ask("a.test")).answer
-    assert value(tg.metrics.malformed, reason="short") == 1
+    assert tg.metrics.sample("tiktokguard_malformed_queries_total", reason="short") == 1
 
 
 async def test_truncated_question_gets_formerr(tg: Running) -> None:

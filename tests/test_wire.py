@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tiktokguard.dns.answers import BlockAnswers, finish_answer
+from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import CacheEntry, cache_ttl
 from tiktokguard.dns.wire import (
     EDNS_OPTION_MAC,
@@ -180,13 +180,12 @@ def test_index_and_strip_opt_and_render_agree_with_dnspython() -> None:
                        sindex.question_end)
     client = dns.message.make_query("WWW.example.COM", "A", use_edns=0)
     query = parse_query(client.to_wire())
-    rendered = finish_answer(query, entry.render(client.id, query.question, 1100.0), udp=True)
-    reply = dns.message.from_wire(rendered)
+    reply = dns.message.from_wire(entry.answer(query, 1100.0, udp=True))
     assert reply.id == client.id and reply.question[0].name.to_text() == "WWW.example.COM."
     assert [rr.ttl for rr in reply.answer] == [200, 50]
     assert reply.authority[0].ttl == 50_000 - 100
     assert reply.edns == 0
-    expired = entry.render(client.id, query.question, 1000.0 + 10**6)
+    expired = entry.answer(query, 1000.0 + 10**6, udp=False)
     assert all(rr.ttl == 0 for rr in dns.message.from_wire(expired).answer)
 
 

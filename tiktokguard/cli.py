@@ -78,7 +78,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         decision = engine.decide_text(client, args.name, time.time())
     except ValueError as exc:
         return _fail(f"invalid name {args.name!r}: {exc}")
-    print(f"{decision.verdict.value}\tclient={client} ({decision.client_class.value})"
+    print(f"{decision.verdict}\tclient={client} ({decision.client_class.value})"
           f"\trule={decision.rule or '-'}")
     blocked = decision.verdict in (Verdict.BLOCKED, Verdict.REFUSED)
     return EXIT_BLOCKED if blocked else EXIT_OK

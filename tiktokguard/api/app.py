@@ -248,7 +248,7 @@ async def decision(request: web.Request) -> web.Response:
     device = result.device
     return web.json_response({
         "client": client, "name": name, "mac": mac,
-        "decision": result.verdict.value,
+        "decision": result.verdict,
         "client_class": result.client_class.value,
         "rule": result.rule,
         "device": {"id": device.id, "name": device.name} if device else None,

@@ -20,10 +20,8 @@ from tiktokguard.dns.wire import (
     Query,
     address_record,
     negative_answer,
-    opt_record,
     response,
     text_to_wire,
-    truncate_for_udp,
 )
 
 _U16 = struct.Struct("!H")
@@ -41,6 +39,7 @@ class BlockAnswers:
                               else None)
         self._zone: dict[str, bytes] = {}
         self._ede: dict[str, tuple[int, str]] = {}
+        self._templates: dict[tuple[str, int, bool, bool, int, int], tuple[bytes, bytes]] = {}
 
     def _zone_of(self, rule: str) -> bytes:
         zone = self._zone.get(rule)
@@ -56,6 +55,23 @@ class BlockAnswers:
         return ede
 
     def blocked(self, query: Query, rule: str) -> bytes:
+        """The block answer, from prepared bytes: a block answer differs between queries of
+        the same shape only in its ID and its question (copied from the query)."""
+        qtype = query.qtype
+        key = (rule, qtype if qtype in (TYPE_A, TYPE_AAAA) else 0, query.edns, query.do,
+               len(query.qname), query.flags & 0x0110)  # RD and CD are echoed
+        template = self._templates.get(key)
+        if template is None:
+            full = self.build_blocked(query, rule)
+            cut = 12 + len(query.question)
+            if len(self._templates) > 50_000:
+                self._templates.clear()
+            template = self._templates[key] = (full[2:12], full[cut:])
+        head, tail = template
+        return _U16.pack(query.id) + head + query.question + tail
+
+    def build_blocked(self, query: Query, rule: str) -> bytes:
+        """The block answer built from its parts (the reference for the prepared bytes)."""
         mode = self.mode
         ede = self._ede_of(rule)
         if mode == "nxdomain":
@@ -77,14 +93,3 @@ class BlockAnswers:
         """NXDOMAIN or NODATA for a bypass name, owned by the name itself."""
         return negative_answer(query, rcode, query.qname, self.ttl,
                                (EDE_FILTERED, f"bypass countermeasure: {label}"))
-
-
-def finish_answer(query: Query, wire: bytes, udp: bool) -> bytes:
-    """A forwarded or cached answer (ID and question already the client's) made fit for this
-    client: our OPT added when it asked with EDNS, truncated to its UDP size."""
-    if query.edns:
-        out = bytearray(wire)
-        _U16.pack_into(out, 10, _U16.unpack_from(out, 10)[0] + 1)
-        out += opt_record(query.do)
-        wire = bytes(out)
-    return truncate_for_udp(query, wire) if udp else wire

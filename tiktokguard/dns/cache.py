@@ -12,7 +12,15 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from tiktokguard.dns.wire import NOERROR, NXDOMAIN, SERVFAIL, RecordIndex
+from tiktokguard.dns.wire import (
+    NOERROR,
+    NXDOMAIN,
+    SERVFAIL,
+    Query,
+    RecordIndex,
+    opt_record,
+    truncate_for_udp,
+)
 
 MAX_TTL = 86_400  # never keep an answer longer than a day, whatever the upstream says
 NEGATIVE_TTL_WITHOUT_SOA = 30  # a negative answer without SOA: RFC 2308 §5 says "SHOULD NOT" cache
@@ -23,6 +31,9 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 
 
+_OPT = {do: opt_record(do) for do in (False, True)}
+
+
 @dataclass(slots=True)
 class CacheEntry:
     wire: bytes  # response without OPT; ID and question case are patched per client
@@ -31,18 +42,34 @@ class CacheEntry:
     expires_at: float
     question_end: int
     chain_rule: str | None = None  # CNAME inspection: a blocked name this answer leads to
+    _age: int = -1
+    _body: bytes = b""  # the records after the question, TTLs counted down by _age seconds
+    _head_opt: bytes = b""  # flags and counts with ARCOUNT + 1, for an answer that gets OPT
 
-    def render(self, qid: int, question: bytes, now: float) -> bytes:
-        """The cached answer for one client: its ID, its question bytes, TTLs counted down."""
-        out = bytearray(self.wire)
-        _U16.pack_into(out, 0, qid)
-        out[12:self.question_end] = question
-        elapsed = int(now - self.stored_at)
-        if elapsed > 0:
-            for offset in self.ttl_offsets:
-                ttl = _U32.unpack_from(out, offset)[0]
-                _U32.pack_into(out, offset, ttl - elapsed if ttl > elapsed else 0)
-        return bytes(out)
+    def answer(self, query: Query, now: float, udp: bool) -> bytes:
+        """This answer for one client: its ID, its question bytes (its case), TTLs counted
+        down, our OPT when it asked with EDNS, truncated to its UDP size."""
+        age = int(now - self.stored_at)
+        if age != self._age:  # at most once a second per entry: no parse, one pass of patches
+            body = bytearray(self.wire[self.question_end:])
+            if age > 0:
+                for offset in self.ttl_offsets:
+                    at = offset - self.question_end
+                    ttl = _U32.unpack_from(body, at)[0]
+                    _U32.pack_into(body, at, ttl - age if ttl > age else 0)
+            self._body = bytes(body)
+            self._age = age
+        if query.edns:
+            if not self._head_opt:
+                arcount = _U16.unpack_from(self.wire, 10)[0]
+                self._head_opt = self.wire[2:10] + _U16.pack(arcount + 1)
+            out = (_U16.pack(query.id) + self._head_opt + query.question + self._body
+                   + _OPT[query.do])
+        else:
+            out = _U16.pack(query.id) + self.wire[2:12] + query.question + self._body
+        if udp and len(out) > query.max_udp_response():
+            return truncate_for_udp(query, out)
+        return out
 
 
 def cache_ttl(index: RecordIndex) -> int:

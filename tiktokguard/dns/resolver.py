@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import dnslib
 
-from tiktokguard.dns.answers import BlockAnswers, finish_answer
+from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import SERVFAIL_TTL, AnswerCache, CacheEntry, CacheKey, cache_ttl
 from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
 from tiktokguard.dns.wire import (
@@ -73,8 +73,7 @@ class Resolver:
         self.incidents = incidents
         self.macs = macs
         self.clock = clock
-        self._count = metrics.query_child
-        self._duration = metrics.request_duration
+        self.stats = metrics.stats
 
     def handle(self, data: bytes, client_ip: str, transport: str) -> Result:
         """The answer to one query: bytes now, None to send nothing, or a coroutine to await."""
@@ -82,23 +81,24 @@ class Resolver:
         try:
             query = parse_query(data)
         except DropPacket:
-            self.metrics.malformed_child["short"].inc()
+            self.stats.malformed["short"] += 1
             return None
         except QueryError as err:
             reason = {NOTIMP: "notimp", BADVERS: "badvers"}.get(err.rcode, "formerr")
-            self.metrics.malformed_child[reason].inc()
-            self._count[transport, Verdict.ERROR].inc()
-            self._duration.observe(time.perf_counter() - started)
+            self.stats.malformed[reason] += 1
+            self.stats.queries[transport, Verdict.ERROR] += 1
+            self.stats.observe(time.perf_counter() - started)
             return error_response(err)
         now = self.clock()
-        mac = self._mac(query, client_ip)
+        mac = (None if query.mac is None and not self.engine.classifier.devices.has_macs
+               else self._mac(query, client_ip))
         decision = self.engine.decide(client_ip, mac, query.qname, now)
         verdict = decision.verdict
-        if verdict is Verdict.REFUSED:
-            self._count[transport, verdict].inc()
-            self._duration.observe(time.perf_counter() - started)
+        if verdict == Verdict.REFUSED:
+            self.stats.queries[transport, verdict] += 1
+            self.stats.observe(time.perf_counter() - started)
             return response(query, REFUSED)
-        if verdict is Verdict.BLOCKED:
+        if verdict == Verdict.BLOCKED:
             if mac is None and self._may_learn_mac(client_ip):
                 return self._decide_after_learning(query, client_ip, transport, now, started)
             return self._block(query, decision, decision.rule or "", client_ip, mac, transport,
@@ -110,16 +110,15 @@ class Resolver:
         """A query the policy lets through: from the cache, or from the upstreams."""
         entry = self.cache.get(self._key(query), now)
         if entry is not None:
-            self.metrics.cache_hits.inc()
+            self.stats.cache_hits += 1
             if entry.chain_rule is not None and decision.client_class is ClientClass.MANAGED:
                 return self._block(query, decision, entry.chain_rule, client_ip, mac, transport,
                                    now, started)
-            wire = finish_answer(query, entry.render(query.id, query.question, now),
-                                 transport == "udp")
-            self._count[transport, decision.verdict].inc()
-            self._duration.observe(time.perf_counter() - started)
+            wire = entry.answer(query, now, transport == "udp")
+            self.stats.queries[transport, decision.verdict] += 1
+            self.stats.observe(time.perf_counter() - started)
             return wire
-        self.metrics.cache_misses.inc()
+        self.stats.cache_misses += 1
         return self._forward(query, decision, client_ip, mac, transport, started)
 
     @staticmethod
@@ -148,7 +147,7 @@ class Resolver:
         assert self.macs is not None
         mac = await self.macs.learn(client_ip)
         decision = self.engine.decide(client_ip, mac, query.qname, now)
-        if decision.verdict is Verdict.BLOCKED:
+        if decision.verdict == Verdict.BLOCKED:
             return self._block(query, decision, decision.rule or "", client_ip, mac, transport,
                                now, started)
         result = self._resolve(query, decision, client_ip, mac, transport, now, started)
@@ -156,15 +155,16 @@ class Resolver:
 
     def _block(self, query: Query, decision: Decision, rule: str, client_ip: str,
                mac: str | None, transport: str, now: float, started: float) -> bytes:
-        self._count[transport, Verdict.BLOCKED].inc()
-        self.metrics.count_blocked(rule)
+        stats = self.stats
+        stats.queries[transport, Verdict.BLOCKED] += 1
+        stats.blocked[rule] = stats.blocked.get(rule, 0) + 1
         if decision.countermeasure_rcode is not None:
             wire = self.blocks.countermeasure(query, decision.countermeasure_rcode, rule)
         else:
             wire = self.blocks.blocked(query, rule)
             if self.incidents is not None:
                 self.incidents.blocked(client_ip, mac, query, rule, now)
-        self._duration.observe(time.perf_counter() - started)
+        stats.observe(time.perf_counter() - started)
         return wire
 
     async def _forward(self, query: Query, decision: Decision, client_ip: str, mac: str | None,
@@ -179,8 +179,8 @@ class Resolver:
             failure = bare_response(query, SERVFAIL)
             self.cache.put(self._key(query), CacheEntry(failure, (), now, now + SERVFAIL_TTL,
                                                         len(failure)))
-            self._count[transport, Verdict.ERROR].inc()
-            self._duration.observe(time.perf_counter() - started)
+            self.stats.queries[transport, Verdict.ERROR] += 1
+            self.stats.observe(time.perf_counter() - started)
             return response(query, SERVFAIL, ede=(EDE_NETWORK_ERROR, f"upstreams failed: {exc}"))
         now = self.clock()
         wire, index = strip_opt(reply.wire, reply.index)
@@ -191,9 +191,9 @@ class Resolver:
         if chain_rule is not None and decision.client_class is ClientClass.MANAGED:
             return self._block(query, decision, chain_rule, client_ip, mac, transport, now,
                                started)
-        out = finish_answer(query, entry.render(query.id, query.question, now), transport == "udp")
-        self._count[transport, decision.verdict].inc()
-        self._duration.observe(time.perf_counter() - started)
+        out = entry.answer(query, now, transport == "udp")
+        self.stats.queries[transport, decision.verdict] += 1
+        self.stats.observe(time.perf_counter() - started)
         return out
 
     def _chain_rule(self, wire: bytes) -> str | None:

@@ -7,6 +7,7 @@ complete (pipelining, possibly out of order), an idle timeout, and a cap on open
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import Coroutine
@@ -16,6 +17,10 @@ from tiktokguard.config import HostPort
 from tiktokguard.dns.resolver import Resolver
 
 MAX_PIPELINE = 64  # queries in flight on one TCP connection before we stop reading from it
+# A burst of queries (a lecture ends, a thousand phones wake up) must wait in the socket, not be
+# dropped by it: ask for 4 MiB (the kernel caps it at net.core.rmem_max; the default is ~200 KiB,
+# which a burst of ~300 queries fills).
+UDP_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 class ServerState:
@@ -178,6 +183,9 @@ def _udp_socket(address: HostPort) -> socket.socket:
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
         sock.bind((address.host, address.port))
         sock.setblocking(False)
     except BaseException:

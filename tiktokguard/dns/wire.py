@@ -109,40 +109,38 @@ def parse_query(data: bytes) -> Query:
     Raises DropPacket for what must not be answered and QueryError for what is answered with an
     error code. The question name must be uncompressed (a pointer there has nothing to point at).
     """
-    if len(data) < 12:
+    end = len(data)
+    if end < 12:
         raise DropPacket("shorter than a DNS header")
     qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
-    if flags & QR:
-        raise DropPacket("a response, not a query")
-    if flags & OPCODE_MASK:
+    if flags & 0xF800:  # QR or an opcode
+        if flags & QR:
+            raise DropPacket("a response, not a query")
         raise QueryError(NOTIMP, "opcode other than QUERY", qid=qid, flags=flags)
     if qdcount != 1:
         raise QueryError(FORMERR, f"QDCOUNT is {qdcount}", qid=qid, flags=flags)
+    # Walk the labels to the root label. A length over 63 is a compression pointer or a
+    # reserved label type: neither belongs in a question name.
     pos = 12
-    end = len(data)
-    total = 0
-    while True:
-        if pos >= end:
-            raise QueryError(FORMERR, "question name runs past the end", qid=qid, flags=flags)
-        length = data[pos]
-        if length == 0:
-            pos += 1
-            break
-        if length > 63:
-            raise QueryError(FORMERR, "bad label in question", qid=qid, flags=flags)
-        pos += 1 + length
-        total += 1 + length
-        if total > 254:
-            raise QueryError(FORMERR, "question name longer than 255", qid=qid, flags=flags)
-    if pos + 4 > end:
+    try:
+        length = data[12]
+        while length:
+            if length > 63:
+                raise QueryError(FORMERR, "bad label in question", qid=qid, flags=flags)
+            pos += length + 1
+            length = data[pos]
+    except IndexError:
+        raise QueryError(FORMERR, "question name runs past the end", qid=qid,
+                         flags=flags) from None
+    if pos > 266:  # 255 octets at most, root label included (RFC 1035 §3.1)
+        raise QueryError(FORMERR, "question name longer than 255", qid=qid, flags=flags)
+    question_end = pos + 5
+    if question_end > end:
         raise QueryError(FORMERR, "question truncated", qid=qid, flags=flags)
-    qtype, qclass = struct.unpack_from("!HH", data, pos)
-    qname = data[12:pos].lower()
-    question = data[12:pos + 4]
-    query = Query(qid, flags, qname, question, qtype, qclass)
-    pos += 4
+    query = Query(qid, flags, data[12:pos + 1].lower(), data[12:question_end],
+                  (data[pos + 1] << 8) | data[pos + 2], (data[pos + 3] << 8) | data[pos + 4])
     if arcount:
-        _read_opt(data, pos, ancount + nscount, arcount, query)
+        _read_opt(data, question_end, ancount + nscount, arcount, query)
     return query
 
 

@@ -86,6 +86,7 @@ class DeviceIndex:
         self._by_net: list[tuple[IPNetwork, Device]] = []
         self._by_mac: dict[str, Device] = {}
         self._memo: dict[str, Device | None] = {}
+        self.has_macs = False
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -104,6 +105,8 @@ class DeviceIndex:
                 by_mac[mac] = device
         by_net.sort(key=lambda item: -item[0].prefixlen)  # most specific CIDR wins
         self._by_ip, self._by_net, self._by_mac = by_ip, by_net, by_mac
+        # Is any active device listed by MAC? If not, nobody needs to learn client MACs.
+        self.has_macs = bool(by_mac)
         self._memo = {}
 
     def put(self, device: Device) -> None:
@@ -118,10 +121,7 @@ class DeviceIndex:
     def __len__(self) -> int:
         return sum(1 for d in self.devices.values() if d.active)
 
-    @property
-    def has_macs(self) -> bool:
-        """Is any active device listed by MAC? (If not, nobody needs to learn MACs.)"""
-        return bool(self._by_mac)
+
 
     def active_count(self, now: float) -> int:
         return sum(1 for d in self.devices.values() if d.exempt_at(now))

@@ -8,7 +8,6 @@ owned devices "may be used as individuals see fit".
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from tiktokguard.dns.wire import NOERROR, NXDOMAIN, text_to_wire
@@ -16,8 +15,9 @@ from tiktokguard.policy.clients import ClientClass, ClientClassifier, Device
 from tiktokguard.policy.domains import DomainMatcher
 
 
-class Verdict(enum.Enum):
-    """The `decision` label of tiktokguard_dns_queries_total."""
+class Verdict:
+    """The `decision` label of tiktokguard_dns_queries_total. Plain strings, not an Enum: they
+    key the per-query counters, and an Enum member's hash is a Python-level call."""
 
     ALLOWED = "allowed"
     BLOCKED = "blocked"
@@ -25,6 +25,7 @@ class Verdict(enum.Enum):
     UNMANAGED = "unmanaged"
     REFUSED = "refused"
     ERROR = "error"
+    ALL = (ALLOWED, BLOCKED, ALLOWLISTED, UNMANAGED, REFUSED, ERROR)
 
 
 # DESIGN §2 bypass countermeasures, by exact name: what each is answered with, and why.
@@ -42,7 +43,7 @@ _COUNTERMEASURES_WIRE = {text_to_wire(k): (k, v[0]) for k, v in COUNTERMEASURES.
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    verdict: Verdict
+    verdict: str  # a Verdict
     client_class: ClientClass
     rule: str | None = None  # the list entry or countermeasure name that matched
     device: Device | None = None  # the allowlisted device, when the client is one
@@ -50,11 +51,11 @@ class Decision:
 
     @property
     def blocks(self) -> bool:
-        return self.verdict is Verdict.BLOCKED
+        return self.verdict == Verdict.BLOCKED
 
     def explain(self) -> str:
         """One line for people (CLI, API)."""
-        parts = [self.verdict.value, f"client={self.client_class.value}"]
+        parts = [self.verdict, f"client={self.client_class.value}"]
         if self.rule:
             parts.append(f"rule={self.rule}")
         if self.device:
@@ -75,6 +76,15 @@ class PolicyEngine:
         self.matcher = matcher
         self.classifier = classifier
         self.countermeasures = countermeasures
+        self._blocked: dict[str, Decision] = {}  # one immutable Decision per rule, reused
+
+    def _block(self, rule: str) -> Decision:
+        decision = self._blocked.get(rule)
+        if decision is None:
+            if len(self._blocked) > 100_000:
+                self._blocked.clear()
+            decision = self._blocked[rule] = Decision(Verdict.BLOCKED, ClientClass.MANAGED, rule)
+        return decision
 
     def decide(self, client_ip: str, mac: str | None, qname: bytes, now: float) -> Decision:
         """The decision for a query name (lower-cased wire form) from this client at now."""
@@ -84,7 +94,7 @@ class PolicyEngine:
         rule = self.matcher.match(qname)
         if client_class is ClientClass.MANAGED:
             if rule is not None:
-                return Decision(Verdict.BLOCKED, client_class, rule)
+                return self._block(rule)
             if self.countermeasures:
                 hit = _COUNTERMEASURES_WIRE.get(qname)
                 if hit is not None:
