@@ -109,8 +109,8 @@ class Daemon:
 
     def _make_pool(self, config: Config) -> UpstreamPool:
         return UpstreamPool(config.dns.upstreams, config.dns.upstream_timeout_ms / 1000,
-                            observe=self.metrics.observe_upstream,
-                            count_error=self.metrics.count_upstream_error)
+                            observe=self.metrics.stats.observe_upstream,
+                            count_error=self.metrics.stats.count_upstream_error)
 
     @staticmethod
     def _make_blocks(config: Config) -> BlockAnswers:

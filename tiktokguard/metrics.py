@@ -3,8 +3,9 @@
 Label sets are bounded: transports, decisions, list rules, upstream addresses and error kinds,
 never client addresses or query names.
 
-The per-query counters (queries by transport and decision, blocked by rule, cache hits and
-misses, malformed queries, the answer-time histogram) are plain integers in `QueryStats`,
+The DNS path's counters (queries by transport and decision, blocked by rule, cache hits and
+misses, malformed queries, answer and upstream times, upstream errors) are plain numbers in
+`QueryStats`,
 exported by a collector when Prometheus scrapes: prometheus-client's own counters take a lock
 per increment, which measured at ~1 µs each and made up a third of the per-query cost (see
 bench/README.md). Everything off the per-query path uses prometheus-client's metric types.
@@ -13,10 +14,12 @@ bench/README.md). Everything off the per-query path uses prometheus-client's met
 from __future__ import annotations
 
 import bisect
+import copy
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tiktokguard.policy.engine import Verdict
@@ -28,7 +31,10 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 
 class QueryStats(Collector):
-    """Per-query counters as plain ints (the event loop is their only writer)."""
+    """The DNS path's counters as plain numbers (the event loop is their only writer).
+
+    With `dns.workers` > 1 each process has one; workers send snapshots to the main process,
+    which exports the sum (`merged`)."""
 
     def __init__(self) -> None:
         self.queries: dict[tuple[str, str], int] = {
@@ -37,58 +43,121 @@ class QueryStats(Collector):
         self.malformed: dict[str, int] = dict.fromkeys(MALFORMED_REASONS, 0)
         self.cache_hits = 0
         self.cache_misses = 0
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
+        self.upstream_latency: dict[str, list[int]] = {}
+        self.upstream_latency_sum: dict[str, float] = {}
+        self.upstream_errors: dict[tuple[str, str], int] = {}
+        self.neighbour_errors = 0
+        self.others: list[QueryStats] = []  # the workers' latest snapshots (main process)
 
     def observe(self, seconds: float) -> None:
-        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
-    def merge(self, other: QueryStats) -> None:
-        """Add another process's counts (dns.workers > 1)."""
-        for key, n in other.queries.items():
-            self.queries[key] = self.queries.get(key, 0) + n
-        for rule, n in other.blocked.items():
-            self.blocked[rule] = self.blocked.get(rule, 0) + n
-        for reason, n in other.malformed.items():
-            self.malformed[reason] = self.malformed.get(reason, 0) + n
-        self.cache_hits += other.cache_hits
-        self.cache_misses += other.cache_misses
-        for i, n in enumerate(other.latency_counts):
-            self.latency_counts[i] += n
-        self.latency_sum += other.latency_sum
+    def observe_upstream(self, upstream: str, seconds: float) -> None:
+        counts = self.upstream_latency.get(upstream)
+        if counts is None:
+            counts = self.upstream_latency[upstream] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self.upstream_latency_sum[upstream] = 0.0
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.upstream_latency_sum[upstream] += seconds
 
-    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+    def count_upstream_error(self, upstream: str, kind: str) -> None:
+        key = (upstream, kind)
+        self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything, as plain data (to send between processes)."""
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> QueryStats:
+        stats = cls()
+        for name in _FIELDS:
+            setattr(stats, name, data[name])
+        return stats
+
+    def merged(self) -> QueryStats:
+        """This process's counts plus the workers' latest snapshots."""
+        if not self.others:
+            return self
+        total = QueryStats.from_snapshot(copy.deepcopy(self.snapshot()))
+        for other in self.others:
+            _add(total, other)
+        return total
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.merged()
         queries = CounterMetricFamily("tiktokguard_dns_queries", "DNS queries by transport and "
                                       "decision", labels=["transport", "decision"])
-        for (transport, verdict), n in self.queries.items():
+        for (transport, verdict), n in stats.queries.items():
             queries.add_metric([transport, verdict], n)
         yield queries
         blocked = CounterMetricFamily("tiktokguard_dns_blocked",
                                       "Blocked queries by the matching rule", labels=["rule"])
-        for rule, n in sorted(self.blocked.items()):
+        for rule, n in sorted(stats.blocked.items()):
             blocked.add_metric([rule], n)
         yield blocked
         malformed = CounterMetricFamily("tiktokguard_malformed_queries",
                                         "Queries dropped or answered with FORMERR/NOTIMP/BADVERS",
                                         labels=["reason"])
-        for reason, n in self.malformed.items():
+        for reason, n in stats.malformed.items():
             malformed.add_metric([reason], n)
         yield malformed
         yield CounterMetricFamily("tiktokguard_cache_hits", "Answers served from the cache",
-                                  value=self.cache_hits)
+                                  value=stats.cache_hits)
         yield CounterMetricFamily("tiktokguard_cache_misses", "Questions not in the cache",
-                                  value=self.cache_misses)
-        cumulative, buckets = 0, []
-        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self.latency_counts, strict=True):
-            cumulative += n
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+                                  value=stats.cache_misses)
         yield HistogramMetricFamily("tiktokguard_dns_request_duration_seconds",
                                     "Time from a query's arrival to its answer",
-                                    buckets=buckets, sum_value=self.latency_sum)
+                                    buckets=_buckets(stats.latency), sum_value=stats.latency_sum)
+        upstream = HistogramMetricFamily("tiktokguard_upstream_request_duration_seconds",
+                                         "Upstream exchange time", labels=["upstream"])
+        for name, counts in sorted(stats.upstream_latency.items()):
+            upstream.add_metric([name], _buckets(counts), stats.upstream_latency_sum[name])
+        yield upstream
+        errors = CounterMetricFamily("tiktokguard_upstream_errors", "Failed upstream exchanges",
+                                     labels=["upstream", "kind"])
+        for (name, kind), n in sorted(stats.upstream_errors.items()):
+            errors.add_metric([name, kind], n)
+        yield errors
+        yield CounterMetricFamily("tiktokguard_neighbour_table_errors",
+                                  "Failed reads of the kernel neighbour table",
+                                  value=stats.neighbour_errors)
 
-    def describe(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+    def describe(self) -> Iterator[Metric]:
         return self.collect()
+
+
+_FIELDS = ("queries", "blocked", "malformed", "cache_hits", "cache_misses", "latency",
+           "latency_sum", "upstream_latency", "upstream_latency_sum", "upstream_errors",
+           "neighbour_errors")
+
+
+def _add(total: QueryStats, other: QueryStats) -> None:
+    for attr in ("queries", "blocked", "malformed", "upstream_errors", "upstream_latency_sum"):
+        mine, theirs = getattr(total, attr), getattr(other, attr)
+        for key, n in theirs.items():
+            mine[key] = mine.get(key, 0) + n
+    for name, counts in other.upstream_latency.items():
+        mine_counts = total.upstream_latency.setdefault(name, [0] * len(counts))
+        for i, n in enumerate(counts):
+            mine_counts[i] += n
+    for i, n in enumerate(other.latency):
+        total.latency[i] += n
+    total.latency_sum += other.latency_sum
+    total.cache_hits += other.cache_hits
+    total.cache_misses += other.cache_misses
+    total.neighbour_errors += other.neighbour_errors
+
+
+def _buckets(counts: list[int]) -> list[tuple[str, float]]:
+    cumulative, out = 0, []
+    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+        cumulative += n
+        out.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return out
 
 
 class Metrics:
@@ -96,12 +165,6 @@ class Metrics:
         self.registry = r = registry or CollectorRegistry()
         self.stats = QueryStats()
         r.register(self.stats)
-        self.upstream_duration = Histogram(
-            "tiktokguard_upstream_request_duration_seconds", "Upstream exchange time",
-            ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream_errors = Counter("tiktokguard_upstream_errors",
-                                       "Failed upstream exchanges", ["upstream", "kind"],
-                                       registry=r)
         self.incidents = Counter("tiktokguard_incidents", "Incidents opened", registry=r)
         self.allowlisted_devices = Gauge("tiktokguard_allowlisted_devices",
                                          "Active, unexpired social media devices", registry=r)
@@ -114,16 +177,8 @@ class Metrics:
                                     "Incidents delivered to the webhook", registry=r)
         self.webhook_dropped = Counter("tiktokguard_incident_webhook_dropped",
                                        "Incidents the webhook never got", ["reason"], registry=r)
-        self.neighbour_errors = Counter("tiktokguard_neighbour_table_errors",
-                                        "Failed reads of the kernel neighbour table", registry=r)
 
     def sample(self, name: str, **labels: str) -> float:
         """The current value of one sample (0 when absent): for tests and the CLI."""
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
-
-    def observe_upstream(self, upstream: str, seconds: float) -> None:
-        self.upstream_duration.labels(upstream).observe(seconds)
-
-    def count_upstream_error(self, upstream: str, kind: str) -> None:
-        self.upstream_errors.labels(upstream, kind).inc()

@@ -90,7 +90,7 @@ class NeighbourTable:
             self.table = await asyncio.to_thread(self.dump)
             self._absent = set()
         except Exception as exc:  # netlink refused (no permission, no netlink): keep going
-            self.metrics.neighbour_errors.inc()
+            self.metrics.stats.neighbour_errors += 1
             log.warning("neighbour_table_unreadable", error=str(exc))
 
     async def run(self) -> None:

@@ -9,6 +9,10 @@ from tiktokguard import __version__
 _STR = {"type": "string"}
 _TIME = {"type": "string", "format": "date-time"}
 _NULL_TIME = {"type": ["string", "null"], "format": "date-time"}
+# What the API accepts: RFC 3339 with an offset, years 1000-9999 (leap seconds are read as :59).
+_TIME_IN = {"type": "string", "format": "date-time",
+            "pattern": "^[1-9][0-9]{3}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+                       "(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"}
 
 DEVICE = {
     "type": "object",
@@ -53,7 +57,7 @@ _EDITABLE = {
     "supervisor": _REQUIRED_TEXT,
     "ticket": _REQUIRED_TEXT,
     "location": _TEXT,
-    "expires_at": {"type": ["string", "null"], "format": "date-time"},
+    "expires_at": {"oneOf": [_TIME_IN, {"type": "null"}]},
     "active": {"type": "boolean"},
 }
 
@@ -137,7 +141,7 @@ _PAGING = [
                                                 "maximum": 1000}},
     {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0,
                                                  "maximum": 1000000000}},
-    {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {"name": "since", "in": "query", "schema": _TIME_IN},
 ]
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
 _VIEW = [{"bearer": []}]
