@@ -62,7 +62,7 @@ def _default_client(config: Config) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from tiktokguard.daemon import build_engine
+    from tiktokguard.core import build_engine
 
     try:
         config = load_config(args.config)

@@ -54,6 +54,8 @@ class DnsConfig:
     """A TCP connection with no query in flight for this long is closed (RFC 7766 §6.2.3)."""
     max_tcp_connections: int = 1000
     """Open TCP connections at most, over all listeners; more are closed at once."""
+    workers: int = 1
+    """Processes answering DNS on the same ports (SO_REUSEPORT); more use more cores."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +268,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "cache_size": _int_in(0, 10_000_000),
         "tcp_idle_timeout_ms": _int_in(100, 600_000),
         "max_tcp_connections": _int_in(1, 1_000_000),
+        "workers": _int_in(1, 64),
     }),
     "policy": (PolicyConfig, {
         "managed_networks": _list_of(parse_network),

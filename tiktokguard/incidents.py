@@ -35,6 +35,34 @@ MAX_OPEN = 100_000  # open (client, rule) pairs kept in memory at most
 log = get_logger("tiktokguard.incidents")
 
 
+def qtype_name(qtype: int) -> str:
+    return str(dnslib.QTYPE.get(qtype, str(qtype)))
+
+
+class BlockedBatch:
+    """A worker's side of incidents: blocked queries summed per (client, rule) until the main
+    process takes them (every second) and merges them into its aggregator."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], list[Any]] = {}
+
+    def blocked(self, client_ip: str, mac: str | None, query: Query, rule: str,
+                now: float) -> None:
+        entry = self.entries.get((client_ip, rule))
+        if entry is None:
+            self.entries[client_ip, rule] = [mac, query.name, qtype_name(query.qtype), 1, now,
+                                             now]
+        else:
+            entry[3] += 1
+            entry[5] = now
+
+    def take(self) -> list[tuple[Any, ...]]:
+        """(client_ip, mac, name, rule, qtype, count, first, last) for each pair, and reset."""
+        entries, self.entries = self.entries, {}
+        return [(ip, mac, name, rule, qtype, count, first, last)
+                for (ip, rule), (mac, name, qtype, count, first, last) in entries.items()]
+
+
 def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
@@ -86,18 +114,32 @@ class IncidentAggregator:
 
     def blocked(self, client_ip: str, mac: str | None, query: Query, rule: str,
                 now: float) -> None:
-        key = (client_ip, rule)
-        incident = self.open.get(key)
+        incident = self.open.get((client_ip, rule))
         if incident is not None and now - incident.first_seen < self.window:
             incident.count += 1
             incident.last_seen = now
             self._dirty[incident.incident_id] = incident
             return
+        self._open(client_ip, mac, query.name, rule, qtype_name(query.qtype), 1, now, now)
+
+    def merge(self, client_ip: str, mac: str | None, name: str, rule: str, qtype: str,
+              count: int, first: float, last: float) -> None:
+        """Blocked queries summed elsewhere (a worker process, BlockedBatch)."""
+        incident = self.open.get((client_ip, rule))
+        if incident is not None and first - incident.first_seen < self.window:
+            incident.count += count
+            incident.last_seen = max(incident.last_seen, last)
+            self._dirty[incident.incident_id] = incident
+            return
+        self._open(client_ip, mac, name, rule, qtype, count, first, last)
+
+    def _open(self, client_ip: str, mac: str | None, name: str, rule: str, qtype: str,
+              count: int, first: float, last: float) -> None:
         if len(self.open) >= MAX_OPEN:
-            self._expire(now)
-        incident = Incident(secrets.token_hex(8), client_ip, mac, query.name, rule,
-                            dnslib.QTYPE.get(query.qtype, str(query.qtype)), 1, now, now)
-        self.open[key] = incident
+            self._expire(first)
+        incident = Incident(secrets.token_hex(8), client_ip, mac, name, rule, qtype, count,
+                            first, last)
+        self.open[client_ip, rule] = incident
         self._new.append(incident)
         self._dirty[incident.incident_id] = incident
         self.metrics.incidents.inc()

@@ -78,6 +78,10 @@ class QueryStats(Collector):
             setattr(stats, name, data[name])
         return stats
 
+    def absorb(self, other: QueryStats) -> None:
+        """Add another process's final counts to this one for good (a worker that died)."""
+        _add(self, other)
+
     def merged(self) -> QueryStats:
         """This process's counts plus the workers' latest snapshots."""
         if not self.others:

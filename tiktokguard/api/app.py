@@ -150,6 +150,7 @@ async def metrics(request: web.Request) -> web.Response:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or daemon.tokens.authenticate(token.strip()) is None:
             return error(401, "metrics need a viewer token ([http] metrics_token = true)")
+    await daemon.workers.report()  # every DNS process's counts, as of now
     daemon.refresh_gauges()
     body = generate_latest(daemon.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -215,6 +216,7 @@ async def audit(request: web.Request) -> web.Response:
 @needs("viewer")
 async def incidents(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
+    await daemon.workers.report()  # blocked queries the worker processes have not sent yet
     await daemon.incidents.flush()
     rows = await daemon.store.incidents(_since(request), request.query.get("client"),
                                         request.query.get("rule"),

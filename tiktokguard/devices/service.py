@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -50,6 +50,9 @@ class DeviceService:
         self._expiry_audited: set[str] = set()
         self._lock = asyncio.Lock()
         self.on_change: list[Callable[[], None]] = []  # e.g. wake the expiry watcher
+        # Awaited before a change returns (and so before the API answers): DNS worker processes
+        # must have the new device list by then.
+        self.propagate: list[Callable[[], Awaitable[None]]] = []
 
     async def load(self) -> None:
         """Read every device from the store into memory and into the index."""
@@ -91,6 +94,8 @@ class DeviceService:
         self.index.put(record.to_device())
         for callback in self.on_change:
             callback()
+        for hook in self.propagate:
+            await hook()
         return record
 
     async def create(self, body: Any, actor: str) -> DeviceRecord:

@@ -175,7 +175,7 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _udp_socket(address: HostPort) -> socket.socket:
+def _udp_socket(address: HostPort, reuse_port: bool = False) -> socket.socket:
     """A bound UDP socket; an IPv6 one is IPv6-only (as asyncio makes TCP ones), so that
     "0.0.0.0:53" and "[::]:53" can both be listed."""
     family = _family(address.host)
@@ -183,6 +183,8 @@ def _udp_socket(address: HostPort) -> socket.socket:
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER_BYTES)
@@ -194,20 +196,23 @@ def _udp_socket(address: HostPort) -> socket.socket:
     return sock
 
 
-async def start_listeners(state: ServerState, listen: tuple[HostPort, ...]
+async def start_listeners(state: ServerState, listen: tuple[HostPort, ...],
+                          reuse_port: bool = False
                           ) -> list[asyncio.BaseTransport | asyncio.Server]:
-    """Bind UDP and TCP on every address; raises OSError naming the address on failure."""
+    """Bind UDP and TCP on every address; raises OSError naming the address on failure.
+    reuse_port: several processes share the addresses and the kernel spreads the load."""
     loop = asyncio.get_running_loop()
     opened: list[asyncio.BaseTransport | asyncio.Server] = []
     try:
         for address in listen:
             try:
                 udp, _ = await loop.create_datagram_endpoint(
-                    lambda: UdpProtocol(state), sock=_udp_socket(address))
+                    lambda: UdpProtocol(state), sock=_udp_socket(address, reuse_port))
                 opened.append(udp)
                 tcp = await loop.create_server(
                     lambda: TcpProtocol(state), address.host, address.port,
-                    family=_family(address.host), reuse_address=True, backlog=1024)
+                    family=_family(address.host), reuse_address=True, backlog=1024,
+                    reuse_port=reuse_port)
                 opened.append(tcp)
                 state.servers.append(tcp)
             except OSError as exc:
