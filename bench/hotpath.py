@@ -16,13 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import dns.message  # noqa: E402
-import dns.rrset  # noqa: E402
+import dns.message
+import dns.rrset
 
-from tiktokguard.config import Overrides, load_config  # noqa: E402
-from tiktokguard.daemon import Daemon  # noqa: E402
-from tiktokguard.dns.cache import CacheEntry  # noqa: E402
-from tiktokguard.dns.wire import index_response, parse_query, strip_opt  # noqa: E402
+from tiktokguard.config import Overrides, load_config
+from tiktokguard.daemon import Daemon
+from tiktokguard.dns.cache import CacheEntry
+from tiktokguard.dns.wire import index_response, parse_query, strip_opt
 
 N = 200_000
 
