@@ -27,6 +27,7 @@ from tests.conftest import (
     running_daemon,
 )
 from tests.fakes import FakeUpstream, free_port
+from tiktokguard.dns.upstream import CHANNEL_USES
 from tiktokguard.dns.wire import EDNS_OPTION_MAC
 
 ALL_TYPES = ["A", "AAAA", "HTTPS", "SVCB", "CNAME", "TXT", "MX", "ANY", "NS", "SOA", "SRV"]
@@ -264,11 +265,14 @@ async def test_reply_with_wrong_id_is_ignored(tg: Running) -> None:
 
 async def test_upstream_queries_use_random_ids_and_ports(tg: Running,
                                                          upstream: FakeUpstream) -> None:
-    for i in range(20):
-        await tg.ask(f"n{i}.a.test")
-    ids = {struct.unpack("!H", wire[:2])[0] for wire in upstream.received}
-    ports = {port for _host, port in upstream.sources}
-    assert len(ids) >= 18 and len(ports) >= 18
+    count = 3 * CHANNEL_USES + 1
+    await asyncio.gather(*(tg.ask(f"n{i}.a.test") for i in range(count)))
+    ids = [struct.unpack("!H", wire[:2])[0] for wire in upstream.received]
+    assert len(ids) == count and len(set(ids)) >= count - 5  # random 16-bit IDs
+    # The source port changes (a new socket, a new random port) every CHANNEL_USES queries.
+    ports = [port for _host, port in upstream.sources]
+    assert len(set(ports)) == 4
+    assert max(ports.count(p) for p in set(ports)) == CHANNEL_USES
 
 
 async def test_failover_to_next_upstream(tmp_path: Path, upstream: FakeUpstream) -> None:

@@ -197,3 +197,21 @@ def test_index_rejects_malformed_responses(garbage: bytes) -> None:
         struct.pack_into("!H", data, 4, 1)
     with pytest.raises(ValueError):
         index_response(bytes(data))
+
+
+def test_index_tells_when_the_answer_names_other_names() -> None:
+    q = dns.message.make_query("www.example.com", "A")
+    plain = dns.message.make_response(q)
+    plain.answer.append(dns.rrset.from_text("www.example.com.", 60, "IN", "A", "192.0.2.1"))
+    assert index_response(plain.to_wire()).other_names is False
+    chained = dns.message.make_response(q)
+    chained.answer.append(dns.rrset.from_text("www.example.com.", 60, "IN", "CNAME",
+                                              "edge.example.net."))
+    chained.answer.append(dns.rrset.from_text("edge.example.net.", 60, "IN", "A", "192.0.2.1"))
+    assert index_response(chained.to_wire()).other_names is True
+    # An owner written out instead of compressed to the question: looked at, to be safe.
+    uncompressed = plain.to_wire()
+    owner = q.question[0].name.to_wire()
+    at = uncompressed.index(b"\xc0\x0c")
+    uncompressed = uncompressed[:at] + owner + uncompressed[at + 2:]
+    assert index_response(uncompressed).other_names is True

@@ -125,6 +125,7 @@ class DnsCore:
         self.resolver.blocks = self._make_blocks(new)
         if (new.dns.upstreams, new.dns.upstream_timeout_ms) != (old.dns.upstreams,
                                                                 old.dns.upstream_timeout_ms):
+            self.pool.close()
             self.pool = self.resolver.pool = self._make_pool(new)
         self.cache.resize(new.dns.cache_size)
         self.server.tcp_idle_timeout = new.dns.tcp_idle_timeout_ms / 1000

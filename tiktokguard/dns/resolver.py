@@ -184,7 +184,7 @@ class Resolver:
             return response(query, SERVFAIL, ede=(EDE_NETWORK_ERROR, f"upstreams failed: {exc}"))
         now = self.clock()
         wire, index = strip_opt(reply.wire, reply.index)
-        chain_rule = self._chain_rule(wire) if index.ancount else None
+        chain_rule = self._chain_rule(wire) if index.other_names else None
         entry = CacheEntry(wire, index.ttl_offsets, now, now + cache_ttl(index),
                            index.question_end, chain_rule)
         self.cache.put(self._key(query), entry)

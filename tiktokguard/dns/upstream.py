@@ -1,9 +1,10 @@
 """Upstream pool: forward a question to the upstream resolvers, with timeouts and failover.
 
-Each upstream query gets a fresh random ID and a fresh socket (so a fresh random source port from
-the kernel), and a reply is accepted only when it comes from the upstream's address (connected
-socket) with our ID and our question: the defences against off-path spoofing (RFC 5452 §9).
-Upstreams are tried in order of health; a truncated UDP reply is retried over TCP.
+Each upstream query gets a random ID, goes out from a random source port (a connected socket
+whose port the kernel picks at random, replaced after CHANNEL_USES queries), and a reply is
+accepted only from the upstream's address with our ID and our question: the defences against
+off-path spoofing of RFC 5452 §9. Upstreams are tried in order of health; a truncated UDP reply
+is retried over TCP.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tiktokguard.config import HostPort
 from tiktokguard.dns.wire import (
@@ -27,6 +28,10 @@ from tiktokguard.dns.wire import (
 )
 
 _HEADER = struct.Struct("!HHHHHH")
+# Queries one upstream socket carries before a new one (a new random source port) takes over.
+# A socket per query costs more than the rest of a cache miss together (measured with py-spy in
+# bench/README.md); every 64 queries keeps the port moving at a small fraction of that cost.
+CHANNEL_USES = 64
 FAILURES_BEFORE_DOWN = 3
 DOWN_SECONDS = (5.0, 60.0)  # first and longest back-off of an upstream that keeps failing
 
@@ -50,10 +55,58 @@ class Upstream:
     down_until: float = 0.0
     last_success: float = 0.0
     last_failure: float = 0.0
+    channel: _Channel | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def name(self) -> str:
         return str(self.address)
+
+
+class _Channel(asyncio.DatagramProtocol):
+    """One connected UDP socket to one upstream; its queries told apart by their IDs."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: dict[int, tuple[Callable[[bytes], bool], asyncio.Future[bytes]]] = {}
+        self.uses = 0
+        self.retired = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) < 12:
+            return
+        entry = self.pending.get((data[0] << 8) | data[1])
+        if entry is not None and not entry[1].done() and entry[0](data):
+            entry[1].set_result(data)
+        # anything else (unknown ID, wrong question) is ignored: spoofed or late
+
+    def error_received(self, exc: Exception) -> None:
+        self._fail(UpstreamError("unreachable", str(exc)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(UpstreamError("unreachable", "socket closed"))
+
+    def _fail(self, error: UpstreamError) -> None:
+        self.retired = True  # a socket that saw an error is not used again
+        for _accept, future in self.pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    def usable(self) -> bool:
+        return not self.retired and self.uses < CHANNEL_USES and self.transport is not None
+
+    def finished(self, qid: int) -> None:
+        self.pending.pop(qid, None)
+        if not self.usable() and not self.pending and self.transport is not None:
+            self.transport.close()
+
+    def retire(self) -> None:
+        self.retired = True
+        if not self.pending and self.transport is not None:
+            self.transport.close()
 
 
 @dataclass(slots=True)
@@ -65,21 +118,6 @@ class UpstreamReply:
 
 Observer = Callable[[str, float], None]
 ErrorCounter = Callable[[str, str], None]
-
-
-class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, future: asyncio.Future[bytes], accept: Callable[[bytes], bool]) -> None:
-        self.future = future
-        self.accept = accept
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if not self.future.done() and self.accept(data):
-            self.future.set_result(data)
-        # anything else (wrong ID, wrong question) is ignored: a spoofing attempt or a late reply
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.future.done():
-            self.future.set_exception(UpstreamError("unreachable", str(exc)))
 
 
 def _matcher(qid: int, qname: bytes, qtype: int, qclass: int) -> Callable[[bytes], bool]:
@@ -178,10 +216,7 @@ class UpstreamPool:
 
     async def _exchange(self, upstream: Upstream, qname: bytes, qtype: int, qclass: int,
                         flags: int, do: bool) -> UpstreamReply:
-        qid = secrets.randbits(16)
-        wire = build_query(qid, flags, qname, qtype, qclass, do)
-        accept = _matcher(qid, qname, qtype, qclass)
-        data = await self._udp(upstream, wire, accept)
+        data = await self._udp(upstream, qname, qtype, qclass, flags, do)
         if _HEADER.unpack_from(data)[1] & TC:
             # RFC 7766 §5: a truncated UDP answer is retried over TCP (same question, new ID).
             qid = secrets.randbits(16)
@@ -193,24 +228,49 @@ class UpstreamPool:
             raise UpstreamError("malformed", str(exc)) from None
         return UpstreamReply(data, index, upstream)
 
-    async def _udp(self, upstream: Upstream, wire: bytes, accept: Callable[[bytes], bool]
-                   ) -> bytes:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        address = (upstream.address.host, upstream.address.port)
+    async def _channel(self, upstream: Upstream) -> _Channel:
+        channel = upstream.channel
+        if channel is not None and channel.usable():
+            return channel
+        async with upstream.lock:  # one new socket, however many queries want one now
+            channel = upstream.channel
+            if channel is not None and channel.usable():
+                return channel
+            if channel is not None:
+                channel.retire()
+            address = (upstream.address.host, upstream.address.port)
+            try:
+                _transport, channel = await asyncio.get_running_loop().create_datagram_endpoint(
+                    _Channel, remote_addr=address)
+            except OSError as exc:
+                raise UpstreamError("unreachable", str(exc)) from None
+            upstream.channel = channel
+            return channel
+
+    async def _udp(self, upstream: Upstream, qname: bytes, qtype: int, qclass: int,
+                   flags: int, do: bool) -> bytes:
+        channel = await self._channel(upstream)
+        channel.uses += 1
+        qid = secrets.randbits(16)
+        while qid in channel.pending:
+            qid = secrets.randbits(16)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        channel.pending[qid] = (_matcher(qid, qname, qtype, qclass), future)
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Receiver(future, accept), remote_addr=address)
-        except OSError as exc:
-            raise UpstreamError("unreachable", str(exc)) from None
-        try:
-            transport.sendto(wire)
+            assert channel.transport is not None
+            channel.transport.sendto(build_query(qid, flags, qname, qtype, qclass, do))
             async with asyncio.timeout(self.timeout):
                 return await future
         except TimeoutError:
             raise UpstreamError("timeout") from None
         finally:
-            transport.close()
+            channel.finished(qid)
+
+    def close(self) -> None:
+        """Close the upstream sockets (once their queries are done): a pool being replaced."""
+        for upstream in self.upstreams:
+            if upstream.channel is not None:
+                upstream.channel.retire()
 
     async def _tcp(self, upstream: Upstream, wire: bytes, accept: Callable[[bytes], bool]
                    ) -> bytes:

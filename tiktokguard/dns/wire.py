@@ -355,6 +355,9 @@ class RecordIndex:
     opt_span: tuple[int, int] | None  # [start, end) of the OPT record, if any
     min_ttl: int | None  # smallest TTL over answer and authority records
     negative_ttl: int | None  # RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of an authority SOA
+    # Does the answer section name anything besides the question name (a CNAME/DNAME, or an
+    # owner that is not a pointer to the question)? If not, CNAME inspection has nothing to see.
+    other_names: bool = True
 
 
 def index_response(wire: bytes) -> RecordIndex:
@@ -366,6 +369,7 @@ def index_response(wire: bytes) -> RecordIndex:
             pos = _read_name_end(wire, pos) + 4
         question_end = pos
         ttl_offsets: list[int] = []
+        other_names = False
         opt_span = None
         min_ttl: int | None = None
         negative_ttl: int | None = None
@@ -377,6 +381,9 @@ def index_response(wire: bytes) -> RecordIndex:
             end = rdata + rdlength
             if end > len(wire):
                 raise ValueError("record runs past the end")
+            if index < ancount and (rtype in (TYPE_CNAME, TYPE_DNAME)
+                                    or wire[start:start + 2] != b"\xc0\x0c"):
+                other_names = True
             if rtype == TYPE_OPT:
                 if opt_span is not None:
                     raise ValueError("two OPT records")
@@ -396,7 +403,7 @@ def index_response(wire: bytes) -> RecordIndex:
     except (IndexError, struct.error) as exc:
         raise ValueError(f"malformed response: {exc}") from None
     return RecordIndex(flags & 0xF, flags, ancount, nscount, arcount, question_end,
-                       tuple(ttl_offsets), opt_span, min_ttl, negative_ttl)
+                       tuple(ttl_offsets), opt_span, min_ttl, negative_ttl, other_names)
 
 
 def strip_opt(wire: bytes, index: RecordIndex) -> tuple[bytes, RecordIndex]:
@@ -410,7 +417,7 @@ def strip_opt(wire: bytes, index: RecordIndex) -> tuple[bytes, RecordIndex]:
     offsets = tuple(o - cut if o > start else o for o in index.ttl_offsets)
     stripped = RecordIndex(index.rcode, index.flags, index.ancount, index.nscount,
                            index.arcount - 1, index.question_end, offsets, None,
-                           index.min_ttl, index.negative_ttl)
+                           index.min_ttl, index.negative_ttl, index.other_names)
     return bytes(out), stripped
 
 
