@@ -29,8 +29,8 @@ from tiktokguard.dns.wire import (
 
 _HEADER = struct.Struct("!HHHHHH")
 # Queries one upstream socket carries before a new one (a new random source port) takes over.
-# A socket per query costs more than the rest of a cache miss together (measured with py-spy in
-# bench/README.md); every 64 queries keeps the port moving at a small fraction of that cost.
+# A socket per query was ~20 % of a cache miss's CPU (py-spy, bench/README.md); a new one every
+# 64 queries keeps the port moving at a small fraction of that cost.
 CHANNEL_USES = 64
 FAILURES_BEFORE_DOWN = 3
 DOWN_SECONDS = (5.0, 60.0)  # first and longest back-off of an upstream that keeps failing
