@@ -168,3 +168,25 @@ async def test_sighup_reloads_lists_without_restart(tmp_path: Path) -> None:
             assert await proc.wait() == 0
     finally:
         upstream.close()
+
+
+async def test_check_knows_the_allowlisted_devices(tmp_path: Path) -> None:
+    from tiktokguard.daemon import DB_FILE
+    from tiktokguard.devices.service import DeviceService
+    from tiktokguard.devices.store import SqliteStore
+    from tiktokguard.policy.clients import DeviceIndex
+
+    store = await SqliteStore.open(tmp_path / "state" / DB_FILE)
+    try:
+        await DeviceService(store, DeviceIndex()).create(
+            {"name": "phone", "addresses": ["127.0.0.20"], "custodian": "c", "supervisor": "s",
+             "ticket": "SR-1"}, "test")
+    finally:
+        await store.close()
+    assert os.stat(tmp_path / "state" / DB_FILE).st_mode & 0o077 == 0  # owner only
+    result = run_cli("check", "www.tiktok.com", "--client", "127.0.0.20", "--state-dir",
+                     str(tmp_path / "state"))
+    assert result.returncode == 0 and result.stdout.startswith("allowlisted"), result.stderr
+    other = run_cli("check", "www.tiktok.com", "--client", "127.0.0.21", "--state-dir",
+                    str(tmp_path / "state"))
+    assert other.returncode == 1 and other.stdout.startswith("blocked")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from tiktokguard.config import Config, ConfigError, Overrides, load_config
 from tiktokguard.devices import cli as devices_cli
+from tiktokguard.policy.clients import Device, DeviceIndex
 from tiktokguard.policy.domains import ListError
 from tiktokguard.policy.engine import Verdict
 
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--client", metavar="IP",
                        help="client address (default: one in the first managed network)")
     check.add_argument("--config", help="TOML config file (default: the embedded default)")
+    check.add_argument("--state-dir", metavar="DIR",
+                       help="state folder whose allowlisted devices count (default: the config's)")
 
     devices_cli.add_parser(sub)
     return parser
@@ -61,12 +64,31 @@ def _default_client(config: Config) -> str:
     return str(network.network_address + (1 if network.num_addresses > 1 else 0))
 
 
+def _stored_devices(config: Config) -> DeviceIndex:
+    """The allowlisted devices in the state folder, so that `check` decides as the daemon does."""
+    from tiktokguard.daemon import DB_FILE
+    from tiktokguard.devices.store import SqliteStore
+
+    path = config.state.dir / DB_FILE
+    if not path.is_file():
+        return DeviceIndex()
+
+    async def load() -> list[Device]:
+        store = await SqliteStore.open(path)
+        try:
+            return [record.to_device() for record in await store.load_devices()]
+        finally:
+            await store.close()
+
+    return DeviceIndex(asyncio.run(load()))
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from tiktokguard.core import build_engine
 
     try:
-        config = load_config(args.config)
-        engine = build_engine(config)
+        config = load_config(args.config, Overrides(state_dir=args.state_dir))
+        engine = build_engine(config, _stored_devices(config))
     except (ConfigError, ListError) as exc:
         return _fail(str(exc))
     client = args.client or _default_client(config)
