@@ -158,6 +158,18 @@ class SqliteStore:
     def schema_version(self) -> int:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
+    def _select(self, table: str, filters: tuple[tuple[str, str, str | None], ...],
+                order: str, limit: int, offset: int) -> list[sqlite3.Row]:
+        """Rows of table matching the filters whose value is not None (column names and
+        operators come from this module, values are bound as parameters)."""
+        given = [(column, op, value) for column, op, value in filters if value is not None]
+        sql = f"SELECT * FROM {table}"
+        if given:
+            sql += " WHERE " + " AND ".join(f"{column} {op} ?" for column, op, _ in given)
+        sql += f" ORDER BY {order} LIMIT ? OFFSET ?"
+        args = [value for _, _, value in given]
+        return self.db.execute(sql, (*args, limit, offset)).fetchall()
+
     # -- devices ---------------------------------------------------------------------------------
 
     async def load_devices(self) -> list[DeviceRecord]:
@@ -212,18 +224,8 @@ class SqliteStore:
     async def audit(self, device_id: str | None = None, since: str | None = None,
                     limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         def run() -> list[dict[str, Any]]:
-            where, args = [], []
-            if device_id is not None:
-                where.append("device_id = ?")
-                args.append(device_id)
-            if since is not None:
-                where.append("at >= ?")
-                args.append(since)
-            sql = "SELECT * FROM audit"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            sql += " ORDER BY seq LIMIT ? OFFSET ?"
-            rows = self.db.execute(sql, (*args, limit, offset)).fetchall()
+            rows = self._select("audit", (("device_id", "=", device_id), ("at", ">=", since)),
+                                "seq", limit, offset)
             return [{"seq": r["seq"], "at": r["at"], "actor": r["actor"], "action": r["action"],
                      "device_id": r["device_id"],
                      "before": json.loads(r["before"]) if r["before"] else None,
@@ -267,17 +269,9 @@ class SqliteStore:
     async def incidents(self, since: str | None, client: str | None, rule: str | None,
                         limit: int, offset: int) -> list[dict[str, Any]]:
         def run() -> list[dict[str, Any]]:
-            where, args = [], []
-            for column, op, value in (("first_seen", ">=", since), ("client_ip", "=", client),
-                                      ("rule", "=", rule)):
-                if value is not None:
-                    where.append(f"{column} {op} ?")
-                    args.append(value)
-            sql = "SELECT * FROM incidents"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            sql += " ORDER BY first_seen DESC, id LIMIT ? OFFSET ?"
-            rows = self.db.execute(sql, (*args, limit, offset)).fetchall()
+            rows = self._select("incidents", (("first_seen", ">=", since),
+                                              ("client_ip", "=", client), ("rule", "=", rule)),
+                                "first_seen DESC, id", limit, offset)
             return [{"incident_id": r["id"], "client_ip": r["client_ip"],
                      "client_mac": r["client_mac"], "device_name": r["device_name"],
                      "name": r["name"], "rule": r["rule"], "qtype": r["qtype"],
