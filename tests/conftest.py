@@ -116,13 +116,16 @@ def _merge(base: str, extra: str) -> str:
 
 @contextlib.asynccontextmanager
 async def running_daemon(tmp_path: Path, upstreams: list[str], extra: str = "",
-                         http: bool = False, clock: Callable[[], float] | None = None
+                         http: bool = False, clock: Callable[[], float] | None = None,
+                         prepare: Callable[[Daemon], None] | None = None
                          ) -> AsyncIterator[Running]:
     port = free_port()
     http_port = free_port() if http else None
     path = write_config(tmp_path, upstreams, port, http_port, extra)
     config = load_config(path)
     daemon = Daemon(config, **({"clock": clock} if clock else {}))
+    if prepare is not None:
+        prepare(daemon)  # e.g. swap a kernel-facing part for a stand-in, before anything runs
     async with contextlib.AsyncExitStack() as stack:
         await daemon.start(stack)
         yield Running(daemon, port, http_port, path)

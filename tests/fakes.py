@@ -10,6 +10,8 @@ Names it knows (under the zone `test.`):
   timeout.test        never answered
   spoof.test          first a reply with a wrong ID, then the right one
   nodata.test         NOERROR with no answer and a SOA (TTL 120, minimum 60)
+  *.tiktokv.com       A 192.0.2.66 (TTL 30), AAAA 2001:db8::66 (TTL 1 000 000)
+  alias.tiktokv.com   CNAME edge.cdnexample.net., which has A 198.51.100.7 (a shared CDN)
 With hold=True, UDP replies wait until release(): queries stay in flight as long as a test wants.
 anything else: NXDOMAIN with SOA (TTL 120, minimum 60).
 """
@@ -108,6 +110,19 @@ class FakeUpstream:
             fake.header.id = (query.header.id + 1) & 0xFFFF
             fake.rr[0].rdata = A("203.0.113.66")
             return [fake.pack(), reply.pack()]
+        elif name == "alias.tiktokv.com":
+            reply.add_answer(RR(query.q.qname, QTYPE.CNAME, ttl=300,
+                                rdata=CNAME("edge.cdnexample.net.")))
+            reply.add_answer(RR("edge.cdnexample.net.", QTYPE.A, ttl=300,
+                                rdata=A("198.51.100.7")))
+        elif name.endswith(".tiktokv.com"):
+            if qtype == QTYPE.A:
+                reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=30, rdata=A("192.0.2.66")))
+            elif qtype == QTYPE.AAAA:
+                reply.add_answer(RR(query.q.qname, QTYPE.AAAA, ttl=1_000_000,
+                                    rdata=AAAA("2001:db8::66")))
+            else:
+                reply.add_auth(soa)
         elif name == "nodata.test":
             reply.add_auth(soa)
         else:

@@ -109,6 +109,28 @@ class IncidentsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NetfilterConfig:
+    backend: str = "off"
+    """Kernel sets for addresses of blocked names: off | nftables | ipset (needs CAP_NET_ADMIN)."""
+    table: str = "tiktokguard"
+    """nftables: the `inet` table that holds the sets."""
+    set_v4: str = "tiktok_v4"
+    """Set of IPv4 addresses of blocked names."""
+    set_v6: str = "tiktok_v6"
+    """Set of IPv6 addresses of blocked names."""
+    default_timeout: int = 3600
+    """Timeout of the sets themselves (elements carry their own)."""
+    min_timeout: int = 60
+    """An element lives at least this long, whatever the answer's TTL."""
+    max_timeout: int = 86400
+    """...and at most this long."""
+    shadow_resolution: bool = True
+    """When a managed client is blocked, resolve the name upstream to learn its addresses."""
+    shadow_per_second: int = 20
+    """Shadow queries per second at most (each name at most once per min_timeout)."""
+
+
+@dataclass(frozen=True, slots=True)
 class StateConfig:
     dir: Path = Path("tiktokguard-state")
     """Where the SQLite state and the generated admin token live."""
@@ -120,6 +142,7 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     http: HttpConfig = HttpConfig()
     incidents: IncidentsConfig = IncidentsConfig()
+    netfilter: NetfilterConfig = NetfilterConfig()
     state: StateConfig = StateConfig()
     source: str = "<embedded default>"
 
@@ -225,6 +248,13 @@ def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
     return parse
 
 
+def _name(value: Any) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,30}", text):
+        raise ValueError(f"expected a name of letters, digits and _ (at most 31), got {text!r}")
+    return text
+
+
 def _webhook_url(value: Any) -> str:
     text = _string(value)
     if text and not re.match(r"^https?://[^\s/]+", text):
@@ -288,6 +318,17 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "retention_days": _int_in(1, 3650),
         "max_rows": _int_in(100, 100_000_000),
     }),
+    "netfilter": (NetfilterConfig, {
+        "backend": _choice(("off", "nftables", "ipset")),
+        "table": _name,
+        "set_v4": _name,
+        "set_v6": _name,
+        "default_timeout": _int_in(1, 86_400 * 7),
+        "min_timeout": _int_in(1, 86_400),
+        "max_timeout": _int_in(1, 86_400 * 7),
+        "shadow_resolution": _bool,
+        "shadow_per_second": _int_in(1, 10_000),
+    }),
     "state": (StateConfig, {"dir": _string}),
 }
 
@@ -307,6 +348,16 @@ def _section(name: str, raw: Any, source: str) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"{source}: [{name}] {key}: {exc}") from None
     return values
+
+
+def _netfilter(values: dict[str, Any], source: str) -> NetfilterConfig:
+    config = NetfilterConfig(**values)
+    if config.min_timeout > config.max_timeout:
+        raise ConfigError(f"{source}: [netfilter] min_timeout: {config.min_timeout} is more than "
+                          f"max_timeout {config.max_timeout}")
+    if config.set_v4 == config.set_v6:
+        raise ConfigError(f"{source}: [netfilter] set_v6: must differ from set_v4")
+    return config
 
 
 def resolve_list_path(entry: str, base: Path) -> Path | None:
@@ -428,6 +479,7 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
         policy=policy,
         http=HttpConfig(**sections["http"]),
         incidents=IncidentsConfig(**sections["incidents"]),
+        netfilter=_netfilter(sections["netfilter"], source),
         state=StateConfig(dir=state_dir),
         source=source,
     )

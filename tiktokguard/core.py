@@ -19,13 +19,15 @@ from tiktokguard.dns.resolver import IncidentSink, MacSource, Resolver
 from tiktokguard.dns.server import ServerState, start_listeners
 from tiktokguard.dns.upstream import UpstreamPool
 from tiktokguard.metrics import Metrics
+from tiktokguard.netfilter import Backstop, make_backend
 from tiktokguard.policy.clients import ClientClassifier, DeviceIndex
 from tiktokguard.policy.domains import DomainMatcher, ListError, load_lists
 from tiktokguard.policy.engine import PolicyEngine
 
 # Settings bound at start: a reload that changes them says so, and they change on restart.
 RESTART_KEYS = ("dns.listen", "dns.workers", "http.listen", "state.dir",
-                "policy.neighbour_table")
+                "policy.neighbour_table", "netfilter.backend", "netfilter.table",
+                "netfilter.set_v4", "netfilter.set_v6")
 
 
 def build_engine(config: Config, devices: DeviceIndex | None = None,
@@ -73,6 +75,10 @@ class DnsCore:
                                  metrics, incidents=incidents, macs=macs, clock=clock)
         self.server = ServerState(self.resolver, config.dns.tcp_idle_timeout_ms / 1000,
                                   config.dns.max_tcp_connections)
+        backend = make_backend(config.netfilter)
+        self.backstop = (Backstop(config.netfilter, backend, metrics, lambda: self.engine.matcher,
+                                  lambda: self.pool) if backend is not None else None)
+        self.resolver.backstop = self.backstop
         self.listeners: list[asyncio.BaseTransport | asyncio.Server] = []
         self.list_error: str | None = None
         self.list_stamp = list_stamp(config.policy.blocklists)
@@ -117,7 +123,10 @@ class DnsCore:
         needs_restart = [key for key in RESTART_KEYS if _setting(old, key) != _setting(new, key)]
         new = replace(new, dns=replace(new.dns, listen=old.dns.listen, workers=old.dns.workers),
                       http=replace(new.http, listen=old.http.listen), state=old.state,
-                      policy=replace(new.policy, neighbour_table=old.policy.neighbour_table))
+                      policy=replace(new.policy, neighbour_table=old.policy.neighbour_table),
+                      netfilter=replace(new.netfilter, backend=old.netfilter.backend,
+                                        table=old.netfilter.table, set_v4=old.netfilter.set_v4,
+                                        set_v6=old.netfilter.set_v6))
         policy = new.policy
         self.engine.classifier = ClientClassifier(new.dns.allow_clients, policy.managed_networks,
                                                   policy.edns_mac_trusted_relays, self.devices)
@@ -130,6 +139,8 @@ class DnsCore:
         self.cache.resize(new.dns.cache_size)
         self.server.tcp_idle_timeout = new.dns.tcp_idle_timeout_ms / 1000
         self.server.max_tcp = new.dns.max_tcp_connections
+        if self.backstop is not None:
+            self.backstop.config = new.netfilter
         self.config = new
         return needs_restart
 

@@ -105,6 +105,8 @@ class Daemon:
         await self._task(stack, self._watch_expiry())
         if self.neighbours is not None:
             await self._task(stack, self.neighbours.run())
+        if self.core.backstop is not None:
+            await self._task(stack, self.core.backstop.run())
         await self.core.listen()
         stack.callback(self.core.close)
         stack.push_async_callback(self.workers.stop)
@@ -294,4 +296,6 @@ class Daemon:
 
     def refresh_gauges(self) -> None:
         self.metrics.allowlisted_devices.set(self.devices.active_count(self.clock()))
+        if self.core.backstop is not None:
+            self.metrics.netfilter_entries.set(self.core.backstop.size())
         self.metrics.blocklist_rules.set(len(self.engine.matcher))

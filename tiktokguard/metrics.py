@@ -26,6 +26,8 @@ from tiktokguard.policy.engine import Verdict
 
 TRANSPORTS = ("udp", "tcp")
 MALFORMED_REASONS = ("short", "formerr", "notimp", "badvers")
+NETFILTER_EVENTS = ("added", "refreshed", "expired", "errors", "shadow_resolved",
+                    "shadow_skipped")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -49,6 +51,7 @@ class QueryStats(Collector):
         self.upstream_latency_sum: dict[str, float] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self.neighbour_errors = 0
+        self.netfilter: dict[str, int] = dict.fromkeys(NETFILTER_EVENTS, 0)
         self.others: list[QueryStats] = []  # the workers' latest snapshots (main process)
 
     def observe(self, seconds: float) -> None:
@@ -129,6 +132,21 @@ class QueryStats(Collector):
         yield CounterMetricFamily("tiktokguard_neighbour_table_errors",
                                   "Failed reads of the kernel neighbour table",
                                   value=stats.neighbour_errors)
+        nf = stats.netfilter
+        yield CounterMetricFamily("tiktokguard_netfilter_entries_added",
+                                  "Addresses put into the kernel sets", value=nf["added"])
+        yield CounterMetricFamily("tiktokguard_netfilter_entries_refreshed",
+                                  "Kernel set entries given a new timeout", value=nf["refreshed"])
+        yield CounterMetricFamily("tiktokguard_netfilter_entries_expired",
+                                  "Kernel set entries whose timeout has passed",
+                                  value=nf["expired"])
+        yield CounterMetricFamily("tiktokguard_netfilter_errors",
+                                  "Failed kernel set writes (netlink)", value=nf["errors"])
+        shadow = CounterMetricFamily("tiktokguard_netfilter_shadow_queries",
+                                     "Shadow resolutions of blocked names", labels=["result"])
+        shadow.add_metric(["resolved"], nf["shadow_resolved"])
+        shadow.add_metric(["skipped"], nf["shadow_skipped"])
+        yield shadow
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()
@@ -136,11 +154,12 @@ class QueryStats(Collector):
 
 _FIELDS = ("queries", "blocked", "malformed", "cache_hits", "cache_misses", "latency",
            "latency_sum", "upstream_latency", "upstream_latency_sum", "upstream_errors",
-           "neighbour_errors")
+           "neighbour_errors", "netfilter")
 
 
 def _add(total: QueryStats, other: QueryStats) -> None:
-    for attr in ("queries", "blocked", "malformed", "upstream_errors", "upstream_latency_sum"):
+    for attr in ("queries", "blocked", "malformed", "upstream_errors", "upstream_latency_sum",
+                 "netfilter"):
         mine, theirs = getattr(total, attr), getattr(other, attr)
         for key, n in theirs.items():
             mine[key] = mine.get(key, 0) + n
@@ -174,6 +193,9 @@ class Metrics:
                                          "Active, unexpired social media devices", registry=r)
         self.blocklist_rules = Gauge("tiktokguard_blocklist_rules", "Rules in the loaded lists",
                                      registry=r)
+        self.netfilter_entries = Gauge("tiktokguard_netfilter_set_entries",
+                                       "Addresses in the kernel sets (written by this process)",
+                                       registry=r)
         self.list_reload_errors = Counter("tiktokguard_blocklist_reload_errors",
                                           "List reloads that failed (previous lists kept)",
                                           registry=r)

@@ -94,6 +94,8 @@ async def _serve(source: str | None, overrides: Overrides, index: int, conn: Con
     tasks = []
     if neighbours is not None:
         tasks.append(loop.create_task(neighbours.run()))
+    if core.backstop is not None:
+        tasks.append(loop.create_task(core.backstop.run()))
         # (no `changed` hook needed: a device change arrives as a message, handled below)
 
     async def reload() -> None:

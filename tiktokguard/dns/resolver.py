@@ -51,6 +51,14 @@ class IncidentSink(Protocol):
                 now: float) -> None: ...
 
 
+class AddressLearner(Protocol):
+    """The network-level backstop: learns addresses of blocked names (netfilter.Backstop)."""
+
+    def answer(self, wire: bytes) -> None: ...
+
+    def blocked(self, qname: bytes) -> None: ...
+
+
 class MacSource(Protocol):
     """Where a client's MAC comes from when the query does not carry one (neighbour table)."""
 
@@ -74,6 +82,7 @@ class Resolver:
         self.macs = macs
         self.clock = clock
         self.stats = metrics.stats
+        self.backstop: AddressLearner | None = None
 
     def handle(self, data: bytes, client_ip: str, transport: str) -> Result:
         """The answer to one query: bytes now, None to send nothing, or a coroutine to await."""
@@ -164,6 +173,8 @@ class Resolver:
             wire = self.blocks.blocked(query, rule)
             if self.incidents is not None:
                 self.incidents.blocked(client_ip, mac, query, rule, now)
+            if self.backstop is not None:
+                self.backstop.blocked(query.qname)
         stats.observe(time.perf_counter() - started)
         return wire
 
@@ -188,6 +199,8 @@ class Resolver:
         entry = CacheEntry(wire, index.ttl_offsets, now, now + cache_ttl(index),
                            index.question_end, chain_rule)
         self.cache.put(self._key(query), entry)
+        if self.backstop is not None and (decision.rule is not None or chain_rule is not None):
+            self.backstop.answer(wire)  # a listed name's addresses, for the kernel sets
         if chain_rule is not None and decision.client_class is ClientClass.MANAGED:
             return self._block(query, decision, chain_rule, client_ip, mac, transport, now,
                                started)

@@ -1,0 +1,279 @@
+"""The network-level backstop: addresses of blocked names into kernel sets.
+
+In-process tests use a recording backend; the namespace tests write real nftables and ipset sets
+inside a network namespace the test creates (root and iproute2 needed; CI has both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import UNMANAGED, Running, running_daemon
+from tests.fakes import FakeUpstream
+from tiktokguard.daemon import Daemon
+from tiktokguard.netfilter import Element
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Recorder:
+    """A KernelSets backend that remembers what it was asked to write."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.writes: list[tuple[list[Element], list[Element], set[str]]] = []
+        self.written = asyncio.Event()
+
+    def ensure(self) -> None:
+        pass
+
+    def add(self, v4: list[Element], v6: list[Element], refresh: set[str]) -> None:
+        if self.fail:
+            raise PermissionError("netlink: operation not permitted")
+        self.writes.append((v4, v6, refresh))
+
+
+@asynccontextmanager
+async def with_recorder(tmp_path: Path, upstream: FakeUpstream, recorder: Recorder,
+                        extra: str = "") -> AsyncIterator[Running]:
+    config = '[netfilter]\nbackend = "nftables"\nmin_timeout = 60\nmax_timeout = 3600\n' + extra
+
+    def use_recorder(daemon: Daemon) -> None:
+        # Before start: the real backend must never touch this host's firewall.
+        assert daemon.core.backstop is not None
+        daemon.core.backstop.backend = recorder
+
+    async with running_daemon(tmp_path, [upstream.address], extra=config,
+                              prepare=use_recorder) as tg:
+        yield tg
+
+
+async def written(tg: Running, recorder: Recorder) -> tuple[list[Element], list[Element]]:
+    """Everything written so far, after the next flush."""
+    backstop = tg.daemon.core.backstop
+    assert backstop is not None
+    await backstop.flush()
+    v4 = [e for w in recorder.writes for e in w[0]]
+    v6 = [e for w in recorder.writes for e in w[1]]
+    return v4, v6
+
+
+async def test_shadow_resolution_learns_addresses_of_a_blocked_name(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    async with with_recorder(tmp_path, upstream, recorder) as tg:
+        reply = await tg.ask("api.tiktokv.com")
+        assert reply.authority[0].name.to_text() == "tiktokv.com."  # blocked, at once
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        await asyncio.gather(*backstop.shadow_tasks)
+        v4, v6 = await written(tg, recorder)
+        # TTL 30 raised to min_timeout 60; TTL 1 000 000 lowered to max_timeout 3600.
+        assert v4 == [("192.0.2.66", 60)] and v6 == [("2001:db8::66", 3600)]
+        # Each name is resolved once per min_timeout, however often it is blocked.
+        for _ in range(5):
+            await tg.ask("api.tiktokv.com")
+        assert upstream.count("api.tiktokv.com") == 2  # A and AAAA, once
+        assert tg.metrics.sample("tiktokguard_netfilter_shadow_queries_total",
+                                 result="resolved") == 2
+
+
+async def test_answers_to_unmanaged_clients_feed_the_sets_but_cdn_addresses_never(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    async with with_recorder(tmp_path, upstream, recorder,
+                             "shadow_resolution = false") as tg:
+        assert (await tg.ask("www.tiktokv.com", source=UNMANAGED)).answer
+        assert (await tg.ask("alias.tiktokv.com", source=UNMANAGED)).answer
+        assert (await tg.ask("a.test", source=UNMANAGED)).answer  # not listed: not learned
+        v4, v6 = await written(tg, recorder)
+        assert v4 == [("192.0.2.66", 60)] and v6 == []
+        assert ("198.51.100.7", 300) not in v4  # the CDN behind the CNAME stays reachable
+        assert tg.metrics.sample("tiktokguard_netfilter_entries_added_total") == 1
+
+
+async def test_refresh_only_when_past_half_the_timeout(tmp_path: Path,
+                                                       upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    async with with_recorder(tmp_path, upstream, recorder, "shadow_resolution = false") as tg:
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        now = [1000.0]
+        backstop.clock = lambda: now[0]
+        wire = (await tg.ask("www.tiktokv.com", source=UNMANAGED)).to_wire()
+        await backstop.flush()
+        backstop.answer(wire)
+        now[0] += 10  # well within the 60 s: nothing to write
+        await backstop.flush()
+        assert len(recorder.writes) == 1
+        backstop.answer(wire)
+        now[0] += 25  # past half: delete and add again, with the new timeout
+        await backstop.flush()
+        assert recorder.writes[-1] == ([("192.0.2.66", 60)], [], {"192.0.2.66"})
+        now[0] += 61
+        await backstop.flush()
+        assert tg.metrics.sample("tiktokguard_netfilter_entries_expired_total") == 1
+
+
+async def test_failing_kernel_writes_are_counted_and_dns_goes_on(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    recorder = Recorder(fail=True)
+    async with with_recorder(tmp_path, upstream, recorder) as tg:
+        for _ in range(3):
+            assert (await tg.ask("x.tiktokv.com")).rcode() == 3
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        await asyncio.gather(*backstop.shadow_tasks)
+        await backstop.flush()
+        assert tg.metrics.sample("tiktokguard_netfilter_errors_total") >= 1
+        assert recorder.writes == []
+        assert (await tg.ask("a.test")).answer
+
+
+async def test_shadow_resolution_is_rate_limited(tmp_path: Path, upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    async with with_recorder(tmp_path, upstream, recorder, "shadow_per_second = 2") as tg:
+        for i in range(10):
+            await tg.ask(f"n{i}.tiktokv.com")
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        await asyncio.gather(*backstop.shadow_tasks)
+        skipped = tg.metrics.sample("tiktokguard_netfilter_shadow_queries_total",
+                                    result="skipped")
+        assert skipped >= 7  # 2 tokens at the start, 2 more per second at most
+        assert sum(upstream.count(f"n{i}.tiktokv.com") for i in range(10)) <= 2 * (10 - skipped)
+
+
+# -- real kernel sets in a network namespace ------------------------------------------------------
+
+
+def _namespaces_allowed() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2's ip"
+    probe = subprocess.run(["ip", "netns", "add", f"tgnfprobe{os.getpid()}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"ip netns add is not allowed here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"tgnfprobe{os.getpid()}"], capture_output=True)
+    return None
+
+
+SKIP = _namespaces_allowed()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if SKIP:
+        pytest.skip(SKIP)
+    name = f"tgnf{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@asynccontextmanager
+async def process_in(ns: str, *args: str, ready: str) -> AsyncIterator[
+        asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", ns, sys.executable, *args, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while ready.encode() not in (line := await proc.stdout.readline()):
+                if not line:
+                    raise AssertionError((await proc.stderr.read()).decode())  # type: ignore
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
+async def wait_event(proc: asyncio.subprocess.Process, name: str) -> dict[str, object]:
+    assert proc.stdout is not None
+    async with asyncio.timeout(20):
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"daemon ended before {name}")
+            record = json.loads(line)
+            if record.get("event") == name:
+                return record
+
+
+QUERY = """
+import sys, dns.message, dns.query
+r = dns.query.udp(dns.message.make_query(sys.argv[1], "A"), "127.0.0.1", port=5353, timeout=3)
+print(r.rcode())
+"""
+
+
+async def run_backstop_in(netns: str, tmp_path: Path, backend: str) -> None:
+    config = tmp_path / "tg.toml"
+    config.write_text(f"""
+[dns]
+listen = ["127.0.0.1:5353"]
+upstreams = ["127.0.0.1:5300"]
+[http]
+listen = ""
+[netfilter]
+backend = "{backend}"
+[state]
+dir = "{tmp_path / 'state'}"
+""")
+    async with process_in(netns, "-m", "tests.fakes", "127.0.0.1", "5300", ready="ready"), \
+            process_in(netns, "-m", "tiktokguard", "serve", "--config", str(config),
+                       "--log-format", "json", ready="netfilter_ready") as daemon:
+        query = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", netns, sys.executable, "-c", QUERY, "www.tiktokv.com",
+            stdout=asyncio.subprocess.PIPE)
+        out, _ = await query.communicate()
+        assert out.strip() == b"3"  # NXDOMAIN: blocked
+        added = 0
+        while added < 2:  # the A and the AAAA answer may come in one batch or in two
+            added += int(str((await wait_event(daemon, "netfilter_sets_updated"))["added"]))
+        assert added == 2
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (apt-get install nftables)")
+async def test_nftables_set_holds_learned_addresses_with_timeouts(netns: str,
+                                                                  tmp_path: Path) -> None:
+    await run_backstop_in(netns, tmp_path, "nftables")
+    listing = json.loads((await asyncio.to_thread(
+        subprocess.run,
+        ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "tiktokguard"],
+        capture_output=True, text=True, check=True)).stdout)
+    sets = {item["set"]["name"]: item["set"] for item in listing["nftables"] if "set" in item}
+    (v4,) = sets["tiktok_v4"]["elem"]
+    (v6,) = sets["tiktok_v6"]["elem"]
+    assert v4["elem"]["val"] == "192.0.2.66" and v4["elem"]["timeout"] == 60
+    assert v6["elem"]["val"] == "2001:db8::66" and v6["elem"]["timeout"] == 86400
+
+
+@pytest.mark.skipif(shutil.which("ipset") is None, reason="needs ipset (apt-get install ipset)")
+async def test_ipset_holds_learned_addresses_with_timeouts(netns: str, tmp_path: Path) -> None:
+    await run_backstop_in(netns, tmp_path, "ipset")
+    for name, address, timeout in (("tiktok_v4", "192.0.2.66", 60),
+                                   ("tiktok_v6", "2001:db8::66", 86400)):
+        listing = (await asyncio.to_thread(
+            subprocess.run, ["ip", "netns", "exec", netns, "ipset", "list", name],
+            capture_output=True, text=True, check=True)).stdout
+        entry = next(line for line in listing.splitlines() if line.startswith(address))
+        assert 0 < int(entry.split("timeout")[1]) <= timeout
