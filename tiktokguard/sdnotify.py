@@ -22,10 +22,6 @@ class Notifier:
             self.watchdog_usec = int(usec)
         self._sock: socket.socket | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def watchdog_interval(self) -> float | None:
         """How often to send WATCHDOG=1: half the watchdog timeout, as sd_watchdog_enabled(3)
         recommends; None when no watchdog is asked for."""

@@ -155,9 +155,6 @@ class SqliteStore:
         assert self._db is not None, "store is closed"
         return self._db
 
-    def schema_version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
-
     def _select(self, table: str, filters: tuple[tuple[str, str, str | None], ...],
                 order: str, limit: int, offset: int) -> list[sqlite3.Row]:
         """Rows of table matching the filters whose value is not None (column names and

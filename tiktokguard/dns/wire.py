@@ -23,7 +23,7 @@ OPCODE_MASK = 0x7800
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16  # RFC 6891 §6.1.3: extended RCODE, upper 8 bits travel in the OPT TTL
 
-TYPE_A, TYPE_NS, TYPE_CNAME, TYPE_SOA, TYPE_AAAA, TYPE_DNAME, TYPE_OPT = 1, 2, 5, 6, 28, 39, 41
+TYPE_A, TYPE_CNAME, TYPE_SOA, TYPE_AAAA, TYPE_DNAME, TYPE_OPT = 1, 5, 6, 28, 39, 41
 CLASS_IN = 1
 
 EDNS_OPTION_MAC = 65001  # dnsmasq --add-mac: the client's MAC, added by an access router
@@ -248,12 +248,10 @@ def text_to_wire(name: str) -> bytes:
 # Building answers
 
 
-def _flags_for_answer(query_flags: int, rcode: int, aa: bool = False) -> int:
-    """Response flags: QR, the query's opcode and RD and CD, RA since we recurse, and rcode."""
-    flags = QR | RA | (query_flags & (OPCODE_MASK | RD | CD)) | (rcode & 0xF)
-    if aa:
-        flags |= AA
-    return flags
+def _flags_for_answer(query_flags: int, rcode: int) -> int:
+    """Response flags: QR, the query's opcode and RD and CD, RA since we recurse, and rcode.
+    Never AA: every synthetic answer speaks for a policy, not for the zone."""
+    return QR | RA | (query_flags & (OPCODE_MASK | RD | CD)) | (rcode & 0xF)
 
 
 def opt_record(do: bool = False, ext_rcode: int = 0, ede: tuple[int, str] | None = None) -> bytes:
@@ -276,14 +274,14 @@ def error_response(err: QueryError) -> bytes:
 
 
 def response(query: Query, rcode: int, answers: bytes = b"", ancount: int = 0,
-             authority: bytes = b"", nscount: int = 0, ede: tuple[int, str] | None = None,
-             aa: bool = False) -> bytes:
+             authority: bytes = b"", nscount: int = 0, ede: tuple[int, str] | None = None
+             ) -> bytes:
     """A complete response: the question echoed, the given sections, and OPT when the query had
     EDNS (RFC 6891 §7: a responder that understands EDNS answers an EDNS query with OPT)."""
     opt = b""
     if query.edns:
         opt = opt_record(query.do, rcode, ede)
-    header = _HEADER.pack(query.id, _flags_for_answer(query.flags, rcode, aa), 1, ancount,
+    header = _HEADER.pack(query.id, _flags_for_answer(query.flags, rcode), 1, ancount,
                           nscount, 1 if opt else 0)
     return header + query.question + answers + authority + opt
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiktokguard.dns.wire import text_to_wire, wire_to_text
+from tiktokguard.dns.wire import text_to_wire
 
 
 class ListError(Exception):
@@ -92,7 +92,7 @@ def load_lists(paths: tuple[Path, ...] | list[Path]) -> DomainMatcher:
             raise ListError(f"{path}: cannot read list: {exc}") from None
         for domain in parse_list(text, str(path)):
             rules.setdefault(text_to_wire(domain), domain)
-    return DomainMatcher(rules, tuple(str(p) for p in paths))
+    return DomainMatcher(rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,6 @@ class DomainMatcher:
     """Suffix matcher over wire-form names; immutable, so a reload swaps it in one assignment."""
 
     rules: dict[bytes, str]  # wire form → the list entry as text (the metric's `rule` label)
-    sources: tuple[str, ...] = ()
 
     @classmethod
     def from_domains(cls, domains: list[str] | tuple[str, ...]) -> DomainMatcher:
@@ -134,10 +133,4 @@ class DomainMatcher:
         return self.match(wire)
 
 
-def rule_wire(rule: str) -> bytes:
-    """Wire form of a rule, for the owner of the synthetic SOA."""
-    return text_to_wire(rule)
-
-
-__all__ = ["DomainMatcher", "ListError", "load_lists", "parse_line", "parse_list",
-           "rule_wire", "wire_to_text"]
+__all__ = ["DomainMatcher", "ListError", "load_lists", "parse_line", "parse_list"]
