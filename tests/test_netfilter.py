@@ -7,21 +7,26 @@ inside a network namespace the test creates (root and iproute2 needed; CI has bo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from ipaddress import ip_network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import UNMANAGED, Running, running_daemon
 from tests.fakes import FakeUpstream
 from tiktokguard.daemon import Daemon
-from tiktokguard.netfilter import Element
+from tiktokguard.netfilter import Element, Exemptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +37,7 @@ class Recorder:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.writes: list[tuple[list[Element], list[Element], set[str]]] = []
-        self.written = asyncio.Event()
+        self.exemptions: list[Exemptions] = []
 
     def ensure(self) -> None:
         pass
@@ -42,10 +47,15 @@ class Recorder:
             raise PermissionError("netlink: operation not permitted")
         self.writes.append((v4, v6, refresh))
 
+    def exempt(self, exemptions: Exemptions) -> None:
+        if self.fail:
+            raise PermissionError("netlink: operation not permitted")
+        self.exemptions.append(exemptions)
+
 
 @asynccontextmanager
 async def with_recorder(tmp_path: Path, upstream: FakeUpstream, recorder: Recorder,
-                        extra: str = "") -> AsyncIterator[Running]:
+                        extra: str = "", **options: Any) -> AsyncIterator[Running]:
     config = '[netfilter]\nbackend = "nftables"\nmin_timeout = 60\nmax_timeout = 3600\n' + extra
 
     def use_recorder(daemon: Daemon) -> None:
@@ -54,7 +64,7 @@ async def with_recorder(tmp_path: Path, upstream: FakeUpstream, recorder: Record
         daemon.core.backstop.backend = recorder
 
     async with running_daemon(tmp_path, [upstream.address], extra=config,
-                              prepare=use_recorder) as tg:
+                              prepare=use_recorder, **options) as tg:
         yield tg
 
 
@@ -277,3 +287,126 @@ async def test_ipset_holds_learned_addresses_with_timeouts(netns: str, tmp_path:
             capture_output=True, text=True, check=True)).stdout
         entry = next(line for line in listing.splitlines() if line.startswith(address))
         assert 0 < int(entry.split("timeout")[1]) <= timeout
+
+
+# -- the exemption sets: allowlisted devices, in step with the store -------------------------------
+
+
+async def test_exemption_sets_follow_the_device_store(tmp_path: Path,
+                                                      upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    async with with_recorder(tmp_path, upstream, recorder) as tg:
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        await backstop.started.wait()
+        assert recorder.exemptions == [Exemptions()]  # written on start, even when empty
+        service = tg.daemon.devices_service
+        assert service is not None
+        device = await tg.add_device(
+            addresses=["127.0.0.20", "10.9.0.0/29", "10.9.0.8/29", "2001:db8:5::/48"],
+            macs=["02-00-5E-AA-00-02"])
+        # In force when the change returns: adjacent networks merged, MACs normalised.
+        assert recorder.exemptions[-1] == Exemptions(
+            v4=(ip_network("10.9.0.0/28"), ip_network("127.0.0.20/32")),
+            v6=(ip_network("2001:db8:5::/48"),), macs=("02:00:5e:aa:00:02",))
+        tg.daemon.refresh_gauges()  # as a scrape does
+        assert tg.metrics.sample("tiktokguard_netfilter_exempt_entries") == 4
+        await service.update(device, {"name": "renamed"}, "test")
+        assert len(recorder.exemptions) == 2  # nothing the sets hold changed: no write
+        await service.update(device, {"macs": []}, "test")
+        assert recorder.exemptions[-1].macs == ()
+        await service.deactivate(device, "test")
+        assert recorder.exemptions[-1] == Exemptions()
+
+
+async def test_an_expired_device_leaves_the_exemption_sets(tmp_path: Path,
+                                                           upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    now = [time.time()]
+    async with with_recorder(tmp_path, upstream, recorder, clock=lambda: now[0]) as tg:
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        await backstop.started.wait()
+        soon = datetime.fromtimestamp(now[0] + 3600, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await tg.add_device(addresses=["127.0.0.20"], expires_at=soon)
+        assert recorder.exemptions[-1].v4 == (ip_network("127.0.0.20/32"),)
+        now[0] += 7200
+        await backstop.sync_exemptions()  # what the background loop does every 30 s
+        assert recorder.exemptions[-1] == Exemptions()
+
+
+async def test_a_failed_exemption_write_is_counted_and_written_again(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    recorder = Recorder(fail=True)
+    async with with_recorder(tmp_path, upstream, recorder) as tg:
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        await backstop.started.wait()
+        await tg.add_device(addresses=["127.0.0.20"])  # the store takes it; the kernel does not
+        assert tg.metrics.sample("tiktokguard_netfilter_errors_total") == 2
+        assert backstop.exempt_written is None
+        assert (await tg.ask("www.tiktokv.com", source="127.0.0.20")).answer  # DNS: exempt
+        recorder.fail = False
+        await backstop.sync_exemptions()
+        assert recorder.exemptions == [Exemptions(v4=(ip_network("127.0.0.20/32"),))]
+
+
+def kernel_exemptions(netns: str, backend: str) -> set[str]:
+    """What the kernel's exemption sets hold, as text."""
+    found: set[str] = set()
+    if backend == "nftables":
+        listing = json.loads(subprocess.run(
+            ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "tiktokguard"],
+            capture_output=True, text=True, check=True).stdout)
+        for item in listing["nftables"]:
+            if "set" in item and item["set"]["name"].startswith("exempt_"):
+                for elem in item["set"].get("elem", []):
+                    prefix = elem.get("prefix") if isinstance(elem, dict) else None
+                    found.add(f"{prefix['addr']}/{prefix['len']}" if prefix else str(elem))
+        return found
+    for name in ("exempt_v4", "exempt_v6"):
+        listing = subprocess.run(["ip", "netns", "exec", netns, "ipset", "list", name],
+                                 capture_output=True, text=True, check=True).stdout
+        found.update(listing.split("Members:\n", 1)[1].split())
+    return found
+
+
+@pytest.mark.parametrize("backend", ["nftables", "ipset"])
+async def test_kernel_exemption_sets_follow_device_changes(netns: str, tmp_path: Path,
+                                                          backend: str) -> None:
+    if shutil.which("nft" if backend == "nftables" else "ipset") is None:
+        pytest.skip(f"needs the {backend} tool to read the sets")
+    token = "netfilter-test-admin-token"
+    config = tmp_path / "tg.toml"
+    config.write_text(f"""
+[dns]
+listen = ["127.0.0.1:5353"]
+upstreams = ["127.0.0.1:5300"]
+[http]
+listen = "127.0.0.1:8053"
+tokens.it = {{ role = "admin", sha256 = "{hashlib.sha256(token.encode()).hexdigest()}" }}
+[netfilter]
+backend = "{backend}"
+[state]
+dir = "{tmp_path / 'state'}"
+""")
+
+    async def cli(*args: str) -> dict[str, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", netns, sys.executable, "-m", "tiktokguard", "devices",
+            "--json", *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=str(ROOT), TIKTOKGUARD_TOKEN=token))
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        return dict(json.loads(out))
+
+    async with process_in(netns, "-m", "tiktokguard", "serve", "--config", str(config),
+                          "--log-format", "json", ready="netfilter_exemptions_updated"):
+        phone = await cli("add", "--name", "Comms phone", "--address", "10.9.0.0/29",
+                          "--address", "10.9.0.8/29", "--address", "2001:db8:5::/48",
+                          "--address", "10.70.2.20", "--custodian", "A", "--supervisor", "B",
+                          "--ticket", "SR-1")
+        held = await asyncio.to_thread(kernel_exemptions, netns, backend)
+        assert held == {"10.9.0.0/28", "2001:db8:5::/48", "10.70.2.20"}
+        await cli("deactivate", str(phone["id"]))
+        assert await asyncio.to_thread(kernel_exemptions, netns, backend) == set()

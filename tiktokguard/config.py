@@ -118,6 +118,12 @@ class NetfilterConfig:
     """Set of IPv4 addresses of blocked names."""
     set_v6: str = "tiktok_v6"
     """Set of IPv6 addresses of blocked names."""
+    exempt_v4: str = "exempt_v4"
+    """Set of the allowlisted devices' IPv4 addresses and networks (kept in sync with the store)."""
+    exempt_v6: str = "exempt_v6"
+    """...their IPv6 addresses and networks."""
+    exempt_mac: str = "exempt_mac"
+    """...and their MAC addresses."""
     default_timeout: int = 3600
     """Timeout of the sets themselves (elements carry their own)."""
     min_timeout: int = 60
@@ -323,6 +329,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "table": _name,
         "set_v4": _name,
         "set_v6": _name,
+        "exempt_v4": _name,
+        "exempt_v6": _name,
+        "exempt_mac": _name,
         "default_timeout": _int_in(1, 86_400 * 7),
         "min_timeout": _int_in(1, 86_400),
         "max_timeout": _int_in(1, 86_400 * 7),
@@ -355,8 +364,13 @@ def _netfilter(values: dict[str, Any], source: str) -> NetfilterConfig:
     if config.min_timeout > config.max_timeout:
         raise ConfigError(f"{source}: [netfilter] min_timeout: {config.min_timeout} is more than "
                           f"max_timeout {config.max_timeout}")
-    if config.set_v4 == config.set_v6:
-        raise ConfigError(f"{source}: [netfilter] set_v6: must differ from set_v4")
+    names = ("set_v4", "set_v6", "exempt_v4", "exempt_v6", "exempt_mac")
+    seen: dict[str, str] = {}
+    for key in names:
+        value = getattr(config, key)
+        if value in seen:
+            raise ConfigError(f"{source}: [netfilter] {key}: must differ from {seen[value]}")
+        seen[value] = key
     return config
 
 

@@ -27,7 +27,8 @@ from tiktokguard.policy.engine import PolicyEngine
 # Settings bound at start: a reload that changes them says so, and they change on restart.
 RESTART_KEYS = ("dns.listen", "dns.workers", "http.listen", "state.dir",
                 "policy.neighbour_table", "netfilter.backend", "netfilter.table",
-                "netfilter.set_v4", "netfilter.set_v6")
+                "netfilter.set_v4", "netfilter.set_v6", "netfilter.exempt_v4",
+                "netfilter.exempt_v6", "netfilter.exempt_mac")
 
 
 def build_engine(config: Config, devices: DeviceIndex | None = None,
@@ -124,9 +125,9 @@ class DnsCore:
         new = replace(new, dns=replace(new.dns, listen=old.dns.listen, workers=old.dns.workers),
                       http=replace(new.http, listen=old.http.listen), state=old.state,
                       policy=replace(new.policy, neighbour_table=old.policy.neighbour_table),
-                      netfilter=replace(new.netfilter, backend=old.netfilter.backend,
-                                        table=old.netfilter.table, set_v4=old.netfilter.set_v4,
-                                        set_v6=old.netfilter.set_v6))
+                      netfilter=replace(new.netfilter, **{
+                          key.split(".")[1]: _setting(old, key)
+                          for key in RESTART_KEYS if key.startswith("netfilter.")}))
         policy = new.policy
         self.engine.classifier = ClientClassifier(new.dns.allow_clients, policy.managed_networks,
                                                   policy.edns_mac_trusted_relays, self.devices)

@@ -31,6 +31,7 @@ from tiktokguard.incidents import IncidentAggregator
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
 from tiktokguard.neighbours import NeighbourTable
+from tiktokguard.netfilter import Exemptions
 from tiktokguard.policy.clients import DeviceIndex
 from tiktokguard.policy.domains import ListError
 from tiktokguard.policy.engine import PolicyEngine
@@ -105,8 +106,13 @@ class Daemon:
         await self._task(stack, self._watch_expiry())
         if self.neighbours is not None:
             await self._task(stack, self.neighbours.run())
-        if self.core.backstop is not None:
-            await self._task(stack, self.core.backstop.run())
+        backstop = self.core.backstop
+        if backstop is not None:
+            # This process owns the device store: it keeps the exemption sets in step with it.
+            backstop.exemptions = lambda: Exemptions.of(self.devices.devices.values(),
+                                                        self.clock())
+            self.devices_service.propagate.append(backstop.sync_exemptions)
+            await self._task(stack, backstop.run())
         await self.core.listen()
         stack.callback(self.core.close)
         stack.push_async_callback(self.workers.stop)
@@ -296,6 +302,9 @@ class Daemon:
 
     def refresh_gauges(self) -> None:
         self.metrics.allowlisted_devices.set(self.devices.active_count(self.clock()))
-        if self.core.backstop is not None:
-            self.metrics.netfilter_entries.set(self.core.backstop.size())
+        backstop = self.core.backstop
+        if backstop is not None:
+            self.metrics.netfilter_entries.set(backstop.size())
+            written = backstop.exempt_written
+            self.metrics.netfilter_exempt_entries.set(len(written) if written else 0)
         self.metrics.blocklist_rules.set(len(self.engine.matcher))

@@ -196,6 +196,9 @@ class Metrics:
         self.netfilter_entries = Gauge("tiktokguard_netfilter_set_entries",
                                        "Addresses in the kernel sets (written by this process)",
                                        registry=r)
+        self.netfilter_exempt_entries = Gauge(
+            "tiktokguard_netfilter_exempt_entries",
+            "Networks and MACs of allowlisted devices in the exemption sets", registry=r)
         self.list_reload_errors = Counter("tiktokguard_blocklist_reload_errors",
                                           "List reloads that failed (previous lists kept)",
                                           registry=r)

@@ -8,6 +8,10 @@ daemon resolves the name upstream itself, in the background. Only A/AAAA records
 the list blocks are used: a CDN address reached through a CNAME is shared with unrelated services
 and is never added (README, "Network-level backstop").
 
+A second group of sets, the exemptions, holds the allowlisted social media devices (their
+addresses and CIDRs, and their MACs), rewritten as a whole in one kernel transaction whenever a
+device changes, so a firewall rule can let them through (systemd/tiktokguard-nftables.conf).
+
 Kernel writes go through pyroute2 in a worker thread, batched, off the DNS path; a failure is
 counted and logged, and DNS answers are never affected.
 """
@@ -16,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import dnslib
 
@@ -28,57 +34,120 @@ from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
 from tiktokguard.dns.wire import RD, TYPE_A, TYPE_AAAA
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
+from tiktokguard.policy.clients import Device
 from tiktokguard.policy.domains import DomainMatcher
 
 FLUSH_SECONDS = 0.5
+EXEMPT_RETRY_SECONDS = 30.0  # a failed exemption write is tried again this often
 SHADOW_CONCURRENCY = 16
 log = get_logger("tiktokguard.netfilter")
 
 Element = tuple[str, int]  # address, timeout in seconds
 
 
+@dataclass(frozen=True, slots=True)
+class Exemptions:
+    """What the exemption sets hold: every active, unexpired allowlisted device's addresses
+    (overlapping and adjacent networks merged) and MACs."""
+
+    v4: tuple[ipaddress.IPv4Network, ...] = ()
+    v6: tuple[ipaddress.IPv6Network, ...] = ()
+    macs: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, devices: Iterable[Device], now: float) -> Exemptions:
+        v4: list[ipaddress.IPv4Network] = []
+        v6: list[ipaddress.IPv6Network] = []
+        macs: set[str] = set()
+        for device in devices:
+            if not device.exempt_at(now):
+                continue
+            for net in device.addresses:
+                if isinstance(net, ipaddress.IPv4Network):
+                    v4.append(net)
+                else:
+                    v6.append(net)
+            macs.update(device.macs)
+        return cls(tuple(ipaddress.collapse_addresses(v4)),
+                   tuple(ipaddress.collapse_addresses(v6)), tuple(sorted(macs)))
+
+    def __len__(self) -> int:
+        return len(self.v4) + len(self.v6) + len(self.macs)
+
+
+def interval(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[str, str | None]:
+    """An nftables interval [start, end): the end is the first address after the network, or
+    None when the network reaches the top of the address space (the interval is then open)."""
+    after = int(net.broadcast_address) + 1
+    top = 2 ** net.max_prefixlen
+    return str(net.network_address), (str(ipaddress.ip_address(after) if net.version == 4
+                                          else ipaddress.IPv6Address(after))
+                                      if after < top else None)
+
+
 class KernelSets(Protocol):
-    """A backend: creates its sets, adds (or refreshes) timed elements."""
+    """A backend: creates its sets, adds (or refreshes) timed elements, rewrites the exemptions."""
 
     def ensure(self) -> None: ...
 
     def add(self, v4: list[Element], v6: list[Element], refresh: set[str]) -> None: ...
 
+    def exempt(self, exemptions: Exemptions) -> None: ...
+
+
+NFPROTO_INET = 1
+ELEM_INTERVAL_END = frozenset({1, "NFT_SET_ELEM_INTERVAL_END"})
+# pyroute2 0.9.x encodes NFTA_SET_ELEM_FLAGS by enumerating a dict's *keys* ({1: name}), so the
+# flag is found as 1; a fixed pyroute2 would look for the name. Both are in the set; the namespace
+# tests check that CIDR exemptions really match.
+
 
 class NftablesSets:
-    """`table inet <table>` with two timed sets, written over netlink with pyroute2."""
+    """`table inet <table>` with two timed sets of learned addresses and three exemption sets
+    (IPv4 and IPv6 intervals, MACs), written over netlink with pyroute2."""
 
-    def __init__(self, table: str, set_v4: str, set_v6: str, default_timeout: int) -> None:
-        self.table = table
-        self.names = {4: set_v4, 6: set_v6}
-        self.default_timeout = default_timeout
+    def __init__(self, config: NetfilterConfig) -> None:
+        self.table = config.table
+        self.names = {4: config.set_v4, 6: config.set_v6}
+        self.default_timeout = config.default_timeout
+        self.exempt_names = {"ipv4_addr": config.exempt_v4, "ipv6_addr": config.exempt_v6,
+                             "ether_addr": config.exempt_mac}
 
     def _nft(self):  # type: ignore[no-untyped-def]
         from pyroute2.nftables.main import NFTables
 
-        return NFTables(nfgen_family=1)  # NFPROTO_INET: one table for IPv4 and IPv6
+        return NFTables(nfgen_family=NFPROTO_INET)  # one table for IPv4 and IPv6
+
+    def _sets(self, nft: Any) -> set[str]:
+        return {s.get_attr("NFTA_SET_NAME") for s in nft.get_sets()
+                if s.get_attr("NFTA_SET_TABLE") == self.table}
 
     def ensure(self) -> None:
+        from pyroute2.nftables.main import NFTSet
+
         nft = self._nft()
         try:
             existing = {t.get_attr("NFTA_TABLE_NAME") for t in nft.get_tables()}
             if self.table not in existing:
                 nft.table("add", name=self.table)
-            sets = {s.get_attr("NFTA_SET_NAME") for s in nft.get_sets()
-                    if s.get_attr("NFTA_SET_TABLE") == self.table}
-            for version, name in self.names.items():
-                if name in sets:
-                    continue
-                key = "ipv4_addr" if version == 4 else "ipv6_addr"
+            sets = self._sets(nft)
+            wanted: list[Any] = [
+                NFTSet(table=self.table, name=name, key_type=f"ipv{version}_addr",
+                       timeout=self.default_timeout * 1000)
+                for version, name in self.names.items()]
+            interval_set = _nft_classes()[0]
+            wanted += [(interval_set if key != "ether_addr" else NFTSet)(
+                table=self.table, name=name, key_type=key)
+                for key, name in self.exempt_names.items()]
+            for item in wanted:
+                if item.name in sets:
+                    continue  # made by an earlier run, or by the shipped ruleset
                 with contextlib.suppress(TypeError):
                     # pyroute2 0.9.x raises TypeError *after* the kernel accepted the new set
                     # (it iterates a list as an async iterator); what the kernel holds is
                     # checked just below.
-                    nft.sets("add", table=self.table, name=name, key_type=key,
-                             timeout=self.default_timeout * 1000)
-            sets = {s.get_attr("NFTA_SET_NAME") for s in nft.get_sets()
-                    if s.get_attr("NFTA_SET_TABLE") == self.table}
-            missing = set(self.names.values()) - sets
+                    nft.sets("add", set=item)
+            missing = {item.name for item in wanted} - self._sets(nft)
             if missing:
                 raise OSError(f"nftables sets not created: {sorted(missing)}")
         finally:
@@ -105,13 +174,131 @@ class NftablesSets:
         finally:
             nft.close()
 
+    def exempt(self, exemptions: Exemptions) -> None:
+        """Replace the exemption sets' contents in one transaction: no moment in between where
+        an allowlisted device is not exempt."""
+        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM
+        from pyroute2.nftables.main import NFTSetElem
+
+        interval_end = _nft_classes()[1]
+        messages: list[tuple[int, list[Any]]] = []
+        for key, values in (("ipv4_addr", exemptions.v4), ("ipv6_addr", exemptions.v6),
+                            ("ether_addr", exemptions.macs)):
+            target = [["NFTA_SET_ELEM_LIST_TABLE", self.table],
+                      ["NFTA_SET_ELEM_LIST_SET", self.exempt_names[key]]]
+            messages.append((NFT_MSG_DELSETELEM, target))  # no elements: flush the set
+            elements: list[Any] = []
+            for value in values:
+                if isinstance(value, str):  # a MAC
+                    elements.append(NFTSetElem(value=value))
+                    continue
+                start, end = interval(value)
+                elements.append(NFTSetElem(value=start))
+                if end is not None:
+                    elements.append(interval_end(value=end))
+            if elements:
+                modifier = _modifier(key)
+                messages.append((NFT_MSG_NEWSETELEM, [
+                    *target, ["NFTA_SET_ELEM_LIST_ELEMENTS",
+                              [e.as_netlink(modifier) for e in elements]]]))
+        nft = self._nft()
+        try:
+            _transaction(nft, messages)
+        finally:
+            nft.close()
+
+
+@functools.cache
+def _nft_classes() -> tuple[type, type]:
+    """Two small extensions of pyroute2's nftables classes (imported late: pyroute2 takes a
+    fifth of a second to import, and only the netfilter backends need it)."""
+    from pyroute2.nftables.main import NFTSet, NFTSetElem
+
+    class IntervalSet(NFTSet):  # type: ignore[misc]
+        """pyroute2's NFTSet has no interval flag; CIDR exemptions need it."""
+
+        def as_netlink(self) -> dict[str, Any]:
+            attrs: dict[str, Any] = NFTSet.as_netlink(self)
+            attrs["NFTA_SET_FLAGS"] = set(attrs["NFTA_SET_FLAGS"]) | {"NFT_SET_INTERVAL"}
+            return attrs
+
+    class IntervalEnd(NFTSetElem):  # type: ignore[misc]
+        """The element that closes an interval (NFT_SET_ELEM_INTERVAL_END)."""
+
+        def as_netlink(self, modifier: Any) -> dict[str, Any]:
+            attrs: dict[str, Any] = NFTSetElem.as_netlink(self, modifier)
+            attrs["attrs"].append(["NFTA_SET_ELEM_FLAGS", ELEM_INTERVAL_END])
+            return attrs
+
+    return IntervalSet, IntervalEnd
+
+
+def _modifier(key: str) -> Any:
+    """pyroute2's encoder for a key type, as its own set_elems prepares it."""
+    from pyroute2.netlink.nfnetlink.nftsocket import DATA_TYPE_NAME_TO_INFO
+
+    modifier = DATA_TYPE_NAME_TO_INFO[key][2]()
+    modifier.header = None
+    return modifier
+
+
+def _transaction(nft: Any, messages: list[tuple[int, list[Any]]]) -> None:
+    """Send set-element messages as one nftables batch: the kernel applies all or none."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+    from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_NEWSETELEM, nft_set_elem_list_msg
+
+    batch = []
+    begin, end = nfgen_msg(), nfgen_msg()
+    for marker, kind in ((begin, 0x10), (end, 0x11)):  # NFNL_MSG_BATCH_BEGIN / _END
+        marker["res_id"] = NFNL_SUBSYS_NFTABLES
+        marker["header"]["type"] = kind
+        marker["header"]["flags"] = NLM_F_REQUEST
+    batch.append(begin)
+    for kind, attrs in messages:
+        msg = nft_set_elem_list_msg()
+        msg["attrs"] = attrs
+        msg["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | kind
+        msg["header"]["flags"] = (NLM_F_REQUEST | NLM_F_ACK
+                                  | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0))
+        msg["nfgen_family"] = NFPROTO_INET
+        batch.append(msg)
+    batch.append(end)
+
+    async def send() -> None:
+        async for _ in nft.asyncore.nlm_request_batch(batch):  # raises NetlinkError
+            pass
+
+    nft._run_with_cleanup(send)  # how pyroute2's own NFTables methods run their coroutines
+
 
 class IpsetSets:
-    """Two ipsets (hash:ip, family inet and inet6) with timeouts, through pyroute2's IPSet."""
+    """Two ipsets of learned addresses (hash:ip, family inet and inet6, with timeouts) and three
+    exemption sets (hash:net inet and inet6, hash:mac), through pyroute2's IPSet."""
 
-    def __init__(self, set_v4: str, set_v6: str, default_timeout: int) -> None:
-        self.names = {4: set_v4, 6: set_v6}
-        self.default_timeout = default_timeout
+    def __init__(self, config: NetfilterConfig) -> None:
+        import socket
+
+        self.names = {4: config.set_v4, 6: config.set_v6}
+        self.default_timeout = config.default_timeout
+        # name → (type, family) of each exemption set; hash:mac has no address family
+        self.exempt_sets = {config.exempt_v4: ("hash:net", socket.AF_INET),
+                            config.exempt_v6: ("hash:net", socket.AF_INET6),
+                            config.exempt_mac: ("hash:mac", socket.AF_UNSPEC)}
+        self.exempt_mac = config.exempt_mac
+        self.mac_supported = True
+
+    @staticmethod
+    def _create(ipset: Any, name: str, stype: str, family: int, **options: Any) -> None:
+        try:
+            ipset.create(name, stype=stype, family=family, exclusive=False, **options)
+        except Exception as exc:  # already there with other options, no permission, no type
+            try:
+                exists = bool(list(ipset.list(name)))
+            except Exception:
+                exists = False
+            if not exists:
+                raise OSError(f"ipset {name} ({stype}): {exc}") from None
 
     def ensure(self) -> None:
         import socket
@@ -121,12 +308,18 @@ class IpsetSets:
         with IPSet() as ipset:
             for version, name in self.names.items():
                 family = socket.AF_INET if version == 4 else socket.AF_INET6
+                self._create(ipset, name, "hash:ip", family, timeout=self.default_timeout)
+            for name, (stype, family) in self.exempt_sets.items():
                 try:
-                    ipset.create(name, stype="hash:ip", family=family,
-                                 timeout=self.default_timeout, exclusive=False)
-                except Exception as exc:  # already there with other options, no permission
-                    if not ipset.list(name):
-                        raise OSError(f"ipset {name}: {exc}") from None
+                    self._create(ipset, name, stype, family)
+                except OSError as exc:
+                    if name != self.exempt_mac:
+                        raise
+                    # Some kernels are built without hash:mac; addresses still work.
+                    self.mac_supported = False
+                    log.warning("netfilter_mac_exemptions_unavailable", error=str(exc),
+                                hint="allowlist devices by address, or use the nftables "
+                                     "backend")
 
     def add(self, v4: list[Element], v6: list[Element], refresh: set[str]) -> None:
         import socket
@@ -141,12 +334,35 @@ class IpsetSets:
                     ipset.add(self.names[version], address, family=family, timeout=timeout,
                               exclusive=False)
 
+    def exempt(self, exemptions: Exemptions) -> None:
+        """Fill a fresh set per exemption set and swap it in (atomic for each set)."""
+        from pyroute2 import IPSet
+
+        contents = dict(zip(self.exempt_sets, ([str(n) for n in exemptions.v4],
+                                               [str(n) for n in exemptions.v6],
+                                               list(exemptions.macs)), strict=True))
+        with IPSet() as ipset:
+            for name, (stype, family) in self.exempt_sets.items():
+                if name == self.exempt_mac and not self.mac_supported:
+                    continue
+                fresh = f"{name[:26]}.new"  # ipset names have at most 31 characters
+                with contextlib.suppress(Exception):
+                    ipset.destroy(fresh)  # left over from an interrupted run
+                ipset.create(fresh, stype=stype, family=family)
+                try:
+                    for value in contents[name]:
+                        ipset.add(fresh, value, family=family,
+                                  etype="mac" if stype == "hash:mac" else "net")
+                    ipset.swap(fresh, name)
+                finally:
+                    ipset.destroy(fresh)
+
 
 def make_backend(config: NetfilterConfig) -> KernelSets | None:
     if config.backend == "nftables":
-        return NftablesSets(config.table, config.set_v4, config.set_v6, config.default_timeout)
+        return NftablesSets(config)
     if config.backend == "ipset":
-        return IpsetSets(config.set_v4, config.set_v6, config.default_timeout)
+        return IpsetSets(config)
     return None
 
 
@@ -170,7 +386,12 @@ class Backstop:
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self.ready = False
+        self.started = asyncio.Event()  # set once the sets exist and the exemptions are written
         self._flush_lock = asyncio.Lock()  # one write at a time: `expires` must be current
+        # The main process (which owns the device store) sets this; workers leave it None.
+        self.exemptions: Callable[[], Exemptions] | None = None
+        self.exempt_written: Exemptions | None = None  # what the kernel holds, when known
+        self._exempt_lock = asyncio.Lock()
 
     # -- from the DNS path (sync, cheap) ------------------------------------------------------
 
@@ -238,12 +459,39 @@ class Backstop:
         except Exception as exc:
             self.metrics.stats.netfilter["errors"] += 1
             log.error("netfilter_unavailable", backend=self.config.backend, error=str(exc))
+            self.started.set()
             return  # DNS goes on; the sets stay as they are
+        await self.sync_exemptions()
+        self.started.set()
         while True:
-            await self.wake.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXEMPT_RETRY_SECONDS):
+                    await self.wake.wait()
             self.wake.clear()
             await self.flush()
+            await self.sync_exemptions()  # nothing to do unless a device changed or a write failed
             await asyncio.sleep(FLUSH_SECONDS)  # batch what arrives meanwhile
+
+    async def sync_exemptions(self) -> None:
+        """Bring the exemption sets in line with the allowlisted devices (after every device
+        change, expiry included). Nothing is written when nothing changed."""
+        if self.exemptions is None or not self.ready:
+            return  # run() syncs once the sets exist
+        async with self._exempt_lock:
+            wanted = self.exemptions()
+            if wanted == self.exempt_written:
+                return
+            try:
+                await asyncio.to_thread(self.backend.exempt, wanted)
+            except Exception as exc:
+                self.exempt_written = None  # unknown: write again on the next try
+                self.metrics.stats.netfilter["errors"] += 1
+                log.error("netfilter_exempt_failed", backend=self.config.backend,
+                          error=str(exc))
+                return
+            self.exempt_written = wanted
+            log.info("netfilter_exemptions_updated", networks_v4=len(wanted.v4),
+                     networks_v6=len(wanted.v6), macs=len(wanted.macs))
 
     async def flush(self) -> None:
         async with self._flush_lock:

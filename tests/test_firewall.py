@@ -1,0 +1,209 @@
+"""The shipped nftables ruleset with the daemon's sets, on real traffic between namespaces.
+
+Four network namespaces joined by veth pairs, built by the test: a router that runs tiktokguard
+(nftables backend) and the shipped `systemd/tiktokguard-nftables.conf`, a managed client, an
+allowlisted social media device on a second managed subnet, and a "server" that holds a TikTok
+address (the fake upstream's answer for *.tiktokv.com) and an ordinary one. Real TCP connections
+and DNS queries from the client and the device show what the firewall lets through.
+Needs root, iproute2 and nft (CI has them); skipped with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_netfilter import SKIP, process_in, wait_event
+
+ROOT = Path(__file__).resolve().parent.parent
+RULESET = ROOT / "systemd" / "tiktokguard-nftables.conf"
+TOKEN = "firewall-test-admin-token"
+DEVICE_MAC = "02:00:00:00:00:20"
+TIKTOK_V4, TIKTOK_V6 = "192.0.2.66", "2001:db8::66"  # tests/fakes.py: *.tiktokv.com
+OTHER_V4 = "192.0.2.80"  # an ordinary server
+
+pytestmark = [
+    pytest.mark.skipif(bool(SKIP), reason=SKIP or ""),
+    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (apt-get install nftables)"),
+]
+
+# Runs in a namespace: try each check, print the outcomes as JSON.
+PROBE = """
+import json, socket, sys
+import dns.message, dns.query, dns.exception
+out = []
+for kind, host, arg in json.loads(sys.argv[1]):
+    if kind == "tcp":
+        try:
+            socket.create_connection((host, arg), timeout=2).close()
+            out.append("open")
+        except ConnectionRefusedError:
+            out.append("refused")
+        except OSError as exc:
+            out.append(type(exc).__name__)
+    else:
+        try:
+            reply = dns.query.udp(dns.message.make_query(arg, "A"), host, timeout=2)
+            out.append(dns.rcode.to_text(reply.rcode()))
+        except dns.exception.Timeout:
+            out.append("timeout")
+print(json.dumps(out))
+"""
+
+# Runs in the server namespace: accept TCP on 443 and 853 (v4 and v6) and close at once.
+SERVER = """
+import asyncio
+async def main():
+    async def close(reader, writer):
+        writer.close()
+    for port in (443, 853):
+        await asyncio.start_server(close, "0.0.0.0", port)
+        await asyncio.start_server(close, "::", port)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+@pytest.fixture
+def topology() -> Iterator[dict[str, str]]:
+    tag = os.getpid() % 10000
+    ns = {role: f"tgfw{tag}{role}" for role in ("r", "c", "d", "s")}
+    try:
+        for name in ns.values():
+            sh("ip", "netns", "add", name)
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+        # (client side, router side, client v4, router v4, client v6, router v6)
+        links = {"c": ("10.70.1.10", "10.70.1.1", "fd70:1::10", "fd70:1::1"),
+                 "d": ("10.70.2.20", "10.70.2.1", "fd70:2::20", "fd70:2::1"),
+                 "s": (TIKTOK_V4, "192.0.2.1", TIKTOK_V6, "2001:db8::1")}
+        for i, (role, (v4, gw4, v6, gw6)) in enumerate(links.items(), start=1):
+            inner, outer = f"{role}0", f"r{i}"
+            sh("ip", "link", "add", inner, "netns", ns[role], "type", "veth", "peer", outer,
+               "netns", ns["r"])
+            if role == "d":
+                sh("ip", "-n", ns[role], "link", "set", inner, "address", DEVICE_MAC)
+            sh("ip", "-n", ns[role], "addr", "add", f"{v4}/24", "dev", inner)
+            sh("ip", "-n", ns[role], "addr", "add", f"{v6}/64", "dev", inner, "nodad")
+            sh("ip", "-n", ns["r"], "addr", "add", f"{gw4}/24", "dev", outer)
+            sh("ip", "-n", ns["r"], "addr", "add", f"{gw6}/64", "dev", outer, "nodad")
+            for dev, where in ((inner, ns[role]), (outer, ns["r"])):
+                sh("ip", "-n", where, "link", "set", dev, "up")
+            sh("ip", "-n", ns[role], "route", "add", "default", "via", gw4)
+            sh("ip", "-n", ns[role], "-6", "route", "add", "default", "via", gw6)
+        sh("ip", "-n", ns["s"], "addr", "add", f"{OTHER_V4}/24", "dev", "s0")
+        sh("ip", "netns", "exec", ns["r"], "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+           "net.ipv6.conf.all.forwarding=1")
+        yield ns
+    finally:
+        for name in ns.values():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def ruleset_for_test() -> str:
+    """The shipped file with its four defines set to the test's networks."""
+    text = RULESET.read_text()
+    for name, value in (("managed_v4", "{ 10.70.0.0/16 }"), ("managed_v6", "{ fd70::/16 }"),
+                        ("resolver_v4", "10.70.1.1"), ("resolver_v6", "fd70:1::1")):
+        text, count = re.subn(rf"^define {name} = .*$", f"define {name} = {value}", text,
+                              flags=re.MULTILINE)
+        assert count == 1, f"the shipped ruleset should define {name} once"
+    return text
+
+
+async def run(*args: str, stdin: str | None = None) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT),
+                                                           TIKTOKGUARD_TOKEN=TOKEN))
+    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+    assert proc.returncode == 0, f"{args}: {err.decode()}"
+    return out.decode()
+
+
+async def probe(ns: str, *checks: tuple[str, str, object]) -> list[str]:
+    out = await run("ip", "netns", "exec", ns, sys.executable, "-c", PROBE,
+                    json.dumps(checks))
+    return list(json.loads(out))
+
+
+async def devices(ns: str, *args: str) -> dict[str, object]:
+    out = await run("ip", "netns", "exec", ns, sys.executable, "-m", "tiktokguard", "devices",
+                    "--api", "http://127.0.0.1:8053", "--json", *args)
+    return dict(json.loads(out))
+
+
+async def test_shipped_ruleset_blocks_managed_clients_and_lets_the_allowlisted_device_through(
+        topology: dict[str, str], tmp_path: Path) -> None:
+    router, client, device, server = (topology[r] for r in ("r", "c", "d", "s"))
+    await run("ip", "netns", "exec", router, "nft", "-f", "-", stdin=ruleset_for_test())
+    config = tmp_path / "tg.toml"
+    config.write_text(f"""
+[dns]
+listen = ["10.70.1.1:53", "10.70.2.1:53"]
+upstreams = ["127.0.0.1:5300"]
+allow_clients = ["10.70.0.0/16", "fd70::/16", "127.0.0.0/8"]
+[policy]
+managed_networks = ["10.70.0.0/16", "fd70::/16"]
+[http]
+listen = "127.0.0.1:8053"
+tokens.it = {{ role = "admin", sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}" }}
+[netfilter]
+backend = "nftables"
+[state]
+dir = "{tmp_path / 'state'}"
+""")
+    async with process_in(server, "-c", SERVER, ready="ready"), \
+            process_in(router, "-m", "tests.fakes", "127.0.0.1", "5300", ready="ready"), \
+            process_in(router, "-m", "tiktokguard", "serve", "--config", str(config),
+                       "--log-format", "json", ready="netfilter_exemptions_updated") as daemon:
+        phone = await devices(router, "add", "--name", "Comms phone", "--address",
+                              "10.70.2.16/28", "--address", "fd70:2::/64", "--custodian", "A",
+                              "--supervisor", "B", "--ticket", "SR-1")
+        # The managed client asks for a TikTok name: blocked, and shadow resolution puts the
+        # name's addresses into the sets.
+        assert await probe(client, ("dns", "10.70.1.1", "www.tiktokv.com")) == ["NXDOMAIN"]
+        added = 0
+        while added < 2:
+            added += int(str((await wait_event(daemon, "netfilter_sets_updated"))["added"]))
+
+        tiktok = (("tcp", TIKTOK_V4, 443), ("tcp", TIKTOK_V6, 443))
+        assert await probe(client, *tiktok) == ["refused", "refused"]
+        assert await probe(device, *tiktok) == ["open", "open"]  # exempt by its networks
+        # Ordinary traffic is untouched; DoT to another resolver is not; plain DNS to another
+        # resolver is answered by tiktokguard (the TikTok name blocked, others resolved).
+        assert await probe(client, ("tcp", OTHER_V4, 443), ("tcp", OTHER_V4, 853),
+                           ("dns", OTHER_V4, "www.tiktokv.com"), ("dns", OTHER_V4, "a.test")) \
+            == ["open", "refused", "NXDOMAIN", "NOERROR"]
+
+        # Allowlisted by MAC only: still through (this router is the device's gateway).
+        await devices(router, "update", str(phone["id"]), "--mac", DEVICE_MAC)
+        await devices(router, "update", str(phone["id"]), "--address", "fd70:9::/64")
+        assert await probe(device, *tiktok) == ["open", "open"]
+        assert await probe(client, *tiktok) == ["refused", "refused"]
+
+        # Deactivated: the device leaves the exemption sets before the API answers.
+        await devices(router, "deactivate", str(phone["id"]))
+        assert await probe(device, *tiktok) == ["refused", "refused"]
+        listing = json.loads(await run("ip", "netns", "exec", router, "nft", "-j", "list",
+                                       "table", "inet", "tiktokguard"))
+        sets = {i["set"]["name"]: i["set"] for i in listing["nftables"] if "set" in i}
+        assert all("elem" not in sets[name] for name in ("exempt_v4", "exempt_v6", "exempt_mac"))
+        counters = [rule for item in listing["nftables"] if "rule" in item
+                    for rule in [item["rule"]] if rule["chain"] == "tiktok"]
+        assert any(e.get("counter", {}).get("packets", 0) >= 4
+                   for rule in counters for e in rule["expr"])
