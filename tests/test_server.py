@@ -200,6 +200,32 @@ async def test_bypass_countermeasures_can_be_turned_off(tmp_path: Path,
         assert upstream.count("use-application-dns.net") == 1
 
 
+async def test_public_doh_endpoints_blocked_for_managed_clients_when_enabled(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    async with running_daemon(tmp_path, [upstream.address],
+                              extra="[policy]\nblock_public_doh = true") as tg:
+        for name in ("dns.google", "mozilla.cloudflare-dns.com", "abc123.dns.nextdns.io"):
+            reply = await tg.ask(name, "HTTPS" if "mozilla" in name else "A")
+            assert reply.rcode() == dns.rcode.NXDOMAIN and soa_of(reply)[0] == name + "."
+            assert [o.code for o in reply.options] == [17]  # EDE Filtered: a bypass
+            assert upstream.count(name) == 0
+        # The providers' web sites, and everyone outside the policy, are left alone.
+        assert soa_of(await tg.ask("www.quad9.net"))[0] == "test."
+        assert soa_of(await tg.ask("dns.google", source=UNMANAGED))[0] == "test."
+        assert tg.metrics.sample("tiktokguard_dns_blocked_total", rule="dns.google") == 1
+        assert tg.metrics.sample("tiktokguard_incidents_total") == 0  # not a TikTok incident
+
+
+async def test_public_doh_blocking_is_off_by_default_and_follows_a_reload(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    async with running_daemon(tmp_path, [upstream.address]) as tg:
+        assert soa_of(await tg.ask("dns.google"))[0] == "test."
+        tg.config_path.write_text(tg.config_path.read_text().replace(
+            "[policy]", "[policy]\nblock_public_doh = true"))
+        assert await tg.daemon.reload("test")
+        assert soa_of(await tg.ask("dns.google"))[0] == "dns.google."
+
+
 # -- block modes ---------------------------------------------------------------------------------
 
 

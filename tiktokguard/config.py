@@ -21,6 +21,7 @@ _PACKAGE = Path(__file__).resolve().parent
 BUNDLED_LISTS = next((d for d in (_PACKAGE / "blocklists", _PACKAGE.parent / "blocklists")
                       if (d / "tiktok-bytedance.txt").is_file()), _PACKAGE / "blocklists")
 DEFAULT_BLOCKLIST = "blocklists/tiktok-bytedance.txt"
+DEFAULT_DOH_LIST = "blocklists/doh-providers.txt"
 BLOCK_MODES = ("nxdomain", "null", "refused", "redirect")
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 
@@ -70,6 +71,10 @@ class PolicyConfig:
     """TTL of block answers and of their synthetic SOA (how long clients cache them)."""
     bypass_countermeasures: bool = True
     """Answer the DoH canary, iCloud Private Relay and resolver.arpa so managed clients stay."""
+    block_public_doh: bool = False
+    """Answer NXDOMAIN to managed clients for public DoH/DoT resolvers' names (doh_lists)."""
+    doh_lists: tuple[Path, ...] = ()
+    """Lists of public encrypted-DNS names (default: the bundled doh-providers.txt)."""
     edns_mac_trusted_relays: tuple[IPNetwork, ...] = ()
     """Relays whose EDNS0 MAC option (65001) is believed."""
     redirect_ipv4: str | None = None
@@ -312,6 +317,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "block_mode": _choice(BLOCK_MODES),
         "block_ttl": _int_in(0, 604_800),
         "bypass_countermeasures": _bool,
+        "block_public_doh": _bool,
+        "doh_lists": _list_of(_string),
         "edns_mac_trusted_relays": _list_of(parse_network),
         "redirect_ipv4": _ip_text(4),
         "redirect_ipv6": _ip_text(6),
@@ -472,15 +479,16 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
                               "listen addresses (a forwarding loop)")
 
     policy_values = sections["policy"]
-    list_entries = policy_values.pop("blocklists", (DEFAULT_BLOCKLIST,))
-    lists = []
-    for index, entry in enumerate(list_entries):
-        found = resolve_list_path(entry, base)
-        if found is None:
-            raise ConfigError(f"{source}: [policy] blocklists[{index}]: list file not found: "
-                              f"{entry!r} (looked in {base} and the bundled lists)")
-        lists.append(found)
-    policy = PolicyConfig(blocklists=tuple(lists), **policy_values)
+    for key, default in (("blocklists", DEFAULT_BLOCKLIST), ("doh_lists", DEFAULT_DOH_LIST)):
+        lists = []
+        for index, entry in enumerate(policy_values.pop(key, (default,))):
+            found = resolve_list_path(entry, base)
+            if found is None:
+                raise ConfigError(f"{source}: [policy] {key}[{index}]: list file not found: "
+                                  f"{entry!r} (looked in {base} and the bundled lists)")
+            lists.append(found)
+        policy_values[key] = tuple(lists)
+    policy = PolicyConfig(**policy_values)
     if policy.block_mode == "redirect" and not (policy.redirect_ipv4 or policy.redirect_ipv6):
         raise ConfigError(f"{source}: [policy] block_mode: \"redirect\" needs redirect_ipv4 "
                           "and/or redirect_ipv6")

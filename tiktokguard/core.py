@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from tiktokguard.config import Config
+from tiktokguard.config import Config, PolicyConfig
 from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import AnswerCache
 from tiktokguard.dns.resolver import IncidentSink, MacSource, Resolver
@@ -31,17 +31,26 @@ RESTART_KEYS = ("dns.listen", "dns.workers", "http.listen", "state.dir",
                 "netfilter.exempt_v6", "netfilter.exempt_mac")
 
 
-def build_engine(config: Config, devices: DeviceIndex | None = None,
-                 matcher: DomainMatcher | None = None) -> PolicyEngine:
+def list_paths(policy: PolicyConfig) -> tuple[Path, ...]:
+    """Every list file in use: the blocklists, and the DoH lists when block_public_doh is on."""
+    return policy.blocklists + (policy.doh_lists if policy.block_public_doh else ())
+
+
+def load_policy_lists(policy: PolicyConfig) -> tuple[DomainMatcher, DomainMatcher | None]:
+    """The blocklists' matcher and the public-DoH matcher (None when not in use). ListError."""
+    return (load_lists(policy.blocklists),
+            load_lists(policy.doh_lists) if policy.block_public_doh else None)
+
+
+def build_engine(config: Config, devices: DeviceIndex | None = None) -> PolicyEngine:
     """The policy engine for a config (also used by `tiktokguard check`). Raises ListError."""
     policy = config.policy
     if devices is None:
         devices = DeviceIndex()
     classifier = ClientClassifier(config.dns.allow_clients, policy.managed_networks,
                                   policy.edns_mac_trusted_relays, devices)
-    if matcher is None:
-        matcher = load_lists(policy.blocklists)
-    return PolicyEngine(matcher, classifier, policy.bypass_countermeasures)
+    matcher, doh = load_policy_lists(policy)
+    return PolicyEngine(matcher, classifier, policy.bypass_countermeasures, doh)
 
 
 def list_stamp(paths: tuple[Path, ...]) -> tuple[tuple[int, int] | None, ...]:
@@ -82,7 +91,7 @@ class DnsCore:
         self.resolver.backstop = self.backstop
         self.listeners: list[asyncio.BaseTransport | asyncio.Server] = []
         self.list_error: str | None = None
-        self.list_stamp = list_stamp(config.policy.blocklists)
+        self.list_stamp = list_stamp(list_paths(config.policy))
 
     def _make_pool(self, config: Config) -> UpstreamPool:
         stats = self.metrics.stats
@@ -148,15 +157,16 @@ class DnsCore:
     async def reload_lists(self) -> DomainMatcher:
         """Re-read the list files (in a thread) and swap them in; raises ListError and keeps
         the lists in force when a file is missing or has a bad line."""
-        paths = self.config.policy.blocklists
-        stamp = list_stamp(paths)
+        policy = self.config.policy
+        stamp = list_stamp(list_paths(policy))
         try:
-            matcher = await asyncio.to_thread(load_lists, paths)
+            matcher, doh = await asyncio.to_thread(load_policy_lists, policy)
         except ListError as exc:
             self.list_error = str(exc)
             self.list_stamp = stamp
             raise
         self.engine.matcher = matcher
+        self.engine.doh = doh
         # Cached answers remember which blocked name they lead to (CNAME inspection); with new
         # lists that may have changed.
         self.cache.clear()

@@ -20,7 +20,7 @@ from aiohttp import web
 from tiktokguard.api.app import make_app
 from tiktokguard.api.auth import TokenTable, ensure_tokens
 from tiktokguard.config import Config, ConfigError, Overrides, load_config
-from tiktokguard.core import DnsCore, build_engine, list_stamp
+from tiktokguard.core import DnsCore, build_engine, list_paths, list_stamp
 from tiktokguard.devices.service import DeviceService
 from tiktokguard.devices.store import SqliteStore, Store
 from tiktokguard.dns.cache import AnswerCache
@@ -247,7 +247,7 @@ class Daemon:
     async def _watch_lists(self) -> None:
         while True:
             await asyncio.sleep(LIST_POLL_SECONDS)
-            if list_stamp(self.config.policy.blocklists) != self.core.list_stamp:
+            if list_stamp(list_paths(self.config.policy)) != self.core.list_stamp:
                 await self.reload_lists("list file changed")
 
     # -- devices ------------------------------------------------------------------------------

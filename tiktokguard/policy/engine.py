@@ -72,10 +72,12 @@ class PolicyEngine:
     """Decides queries. The matcher can be swapped (list reload) by assigning `matcher`."""
 
     def __init__(self, matcher: DomainMatcher, classifier: ClientClassifier,
-                 countermeasures: bool = True) -> None:
+                 countermeasures: bool = True, doh: DomainMatcher | None = None) -> None:
         self.matcher = matcher
         self.classifier = classifier
         self.countermeasures = countermeasures
+        # Public DoH/DoT resolvers' names, blocked for managed clients (policy.block_public_doh)
+        self.doh = doh
         self._blocked: dict[str, Decision] = {}  # one immutable Decision per rule, reused
 
     def _block(self, rule: str) -> Decision:
@@ -100,6 +102,13 @@ class PolicyEngine:
                 if hit is not None:
                     return Decision(Verdict.BLOCKED, client_class, hit[0],
                                     countermeasure_rcode=hit[1])
+            if self.doh is not None:
+                entry = self.doh.match(qname)
+                if entry is not None:
+                    # A bypass, not TikTok: answered like the countermeasures (NXDOMAIN, EDE 17
+                    # Filtered), with no incident and no shadow resolution.
+                    return Decision(Verdict.BLOCKED, client_class, entry,
+                                    countermeasure_rcode=NXDOMAIN)
             return _MANAGED_ALLOWED
         if client_class is ClientClass.ALLOWLISTED:
             # Only TikTok/ByteDance names count as `allowlisted`: that is the exemption in use.
