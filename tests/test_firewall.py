@@ -106,8 +106,9 @@ def topology() -> Iterator[dict[str, str]]:
             sh("ip", "-n", ns[role], "route", "add", "default", "via", gw4)
             sh("ip", "-n", ns[role], "-6", "route", "add", "default", "via", gw6)
         sh("ip", "-n", ns["s"], "addr", "add", f"{OTHER_V4}/24", "dev", "s0")
-        sh("ip", "netns", "exec", ns["r"], "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
-           "net.ipv6.conf.all.forwarding=1")
+        # /proc/sys/net shows the namespace of the process that writes it
+        sh("ip", "netns", "exec", ns["r"], "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward "
+           "&& echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")
         yield ns
     finally:
         for name in ns.values():
