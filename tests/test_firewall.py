@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -194,6 +195,18 @@ dir = "{tmp_path / 'state'}"
         # Allowlisted by MAC only: still through (this router is the device's gateway).
         await devices(router, "update", str(phone["id"]), "--mac", DEVICE_MAC)
         await devices(router, "update", str(phone["id"]), "--address", "fd70:9::/64")
+        assert await probe(device, *tiktok) == ["open", "open"]
+        assert await probe(client, *tiktok) == ["refused", "refused"]
+
+        # The firewall is reloaded the Debian way (`flush ruleset`, then the files): the sets are
+        # made anew, empty, and the managed client gets through...
+        await run("ip", "netns", "exec", router, "nft", "flush", "ruleset")
+        await run("ip", "netns", "exec", router, "nft", "-f", "-", stdin=ruleset_for_test())
+        assert await probe(client, *tiktok) == ["open", "open"]
+        # ...until tiktokguard notices (every 10 s, or at once on SIGHUP) and writes it all again.
+        daemon.send_signal(signal.SIGHUP)
+        restored = await wait_event(daemon, "netfilter_sets_restored")
+        assert (restored["addresses"], restored["exemptions"]) == (2, 2)
         assert await probe(device, *tiktok) == ["open", "open"]
         assert await probe(client, *tiktok) == ["refused", "refused"]
 

@@ -38,9 +38,13 @@ class Recorder:
         self.fail = fail
         self.writes: list[tuple[list[Element], list[Element], set[str]]] = []
         self.exemptions: list[Exemptions] = []
+        self.generation: object = ("sets", 1)  # a new value: the sets were made anew
+        self.unavailable = False
 
-    def ensure(self) -> None:
-        pass
+    def ensure(self) -> object:
+        if self.unavailable:
+            raise PermissionError("netlink: operation not permitted")
+        return self.generation
 
     def add(self, v4: list[Element], v6: list[Element], refresh: set[str]) -> None:
         if self.fail:
@@ -410,3 +414,42 @@ dir = "{tmp_path / 'state'}"
         assert held == {"10.9.0.0/28", "2001:db8:5::/48", "10.70.2.20"}
         await cli("deactivate", str(phone["id"]))
         assert await asyncio.to_thread(kernel_exemptions, netns, backend) == set()
+
+
+async def test_sets_made_anew_are_filled_again(tmp_path: Path, upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    async with with_recorder(tmp_path, upstream, recorder, "shadow_resolution = false") as tg:
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        await backstop.started.wait()
+        await tg.add_device(addresses=["127.0.0.20"])
+        await tg.ask("www.tiktokv.com", source=UNMANAGED)
+        await backstop.flush()
+        writes, exemptions = len(recorder.writes), len(recorder.exemptions)
+        await backstop.check_sets()  # the same sets: nothing to do
+        assert (len(recorder.writes), len(recorder.exemptions)) == (writes, exemptions)
+        recorder.generation = ("sets", 2)  # e.g. `flush ruleset` and the files loaded again
+        await backstop.check_sets()
+        (address, timeout), = recorder.writes[-1][0]
+        assert address == "192.0.2.66" and 55 <= timeout <= 61  # what was left of its 60 s
+        assert recorder.exemptions[-1].v4 == (ip_network("127.0.0.20/32"),)
+        assert len(recorder.exemptions) == exemptions + 1
+
+
+async def test_a_backend_unavailable_at_start_is_tried_again(tmp_path: Path,
+                                                            upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    recorder.unavailable = True
+    async with with_recorder(tmp_path, upstream, recorder) as tg:
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        await backstop.started.wait()
+        assert not backstop.ready and recorder.exemptions == []
+        assert tg.metrics.sample("tiktokguard_netfilter_errors_total") == 1
+        assert (await tg.ask("a.test")).answer  # DNS as usual
+        await tg.add_device(addresses=["127.0.0.20"])  # nothing written while unavailable
+        recorder.unavailable = False
+        await backstop.check_sets()  # what the loop does every 10 s (or on SIGHUP)
+        await backstop.sync_exemptions()
+        assert backstop.ready
+        assert recorder.exemptions == [Exemptions(v4=(ip_network("127.0.0.20/32"),))]

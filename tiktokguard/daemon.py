@@ -214,6 +214,8 @@ class Daemon:
                     self._apply_control(self.config)
                     await self._load_tokens()
                     log.info("config_reloaded", reason=reason, config=self.config.source)
+                if self.core.backstop is not None:
+                    self.core.backstop.request_check()  # the firewall may have been reloaded
                 return await self._reload_lists(reason)
             finally:
                 self.notifier.ready(self.status_line())

@@ -38,7 +38,8 @@ from tiktokguard.policy.clients import Device
 from tiktokguard.policy.domains import DomainMatcher
 
 FLUSH_SECONDS = 0.5
-EXEMPT_RETRY_SECONDS = 30.0  # a failed exemption write is tried again this often
+CHECK_SECONDS = 10.0  # the sets checked (there? made anew?) and failures retried this often
+MAX_PENDING = 65_536  # addresses waiting for a write, at most (a backend down for long)
 SHADOW_CONCURRENCY = 16
 log = get_logger("tiktokguard.netfilter")
 
@@ -88,7 +89,10 @@ def interval(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[str, s
 class KernelSets(Protocol):
     """A backend: creates its sets, adds (or refreshes) timed elements, rewrites the exemptions."""
 
-    def ensure(self) -> None: ...
+    def ensure(self) -> object:
+        """Create what is missing; return a value that changes when the sets are made anew
+        (None: the backend cannot tell)."""
+        ...
 
     def add(self, v4: list[Element], v6: list[Element], refresh: set[str]) -> None: ...
 
@@ -118,17 +122,23 @@ class NftablesSets:
 
         return NFTables(nfgen_family=NFPROTO_INET)  # one table for IPv4 and IPv6
 
-    def _sets(self, nft: Any) -> set[str]:
-        return {s.get_attr("NFTA_SET_NAME") for s in nft.get_sets()
-                if s.get_attr("NFTA_SET_TABLE") == self.table}
+    @staticmethod
+    def _tables(nft: Any) -> dict[str, int]:
+        """name → handle of the inet tables."""
+        return {t.get_attr("NFTA_TABLE_NAME"): t.get_attr("NFTA_TABLE_HANDLE")
+                for t in nft.get_tables()}
 
-    def ensure(self) -> None:
+    def _sets(self, nft: Any) -> dict[str, int]:
+        """Our table's sets: name → handle."""
+        return {s.get_attr("NFTA_SET_NAME"): s.get_attr("NFTA_SET_HANDLE")
+                for s in nft.get_sets() if s.get_attr("NFTA_SET_TABLE") == self.table}
+
+    def ensure(self) -> object:
         from pyroute2.nftables.main import NFTSet
 
         nft = self._nft()
         try:
-            existing = {t.get_attr("NFTA_TABLE_NAME") for t in nft.get_tables()}
-            if self.table not in existing:
+            if self.table not in self._tables(nft):
                 nft.table("add", name=self.table)
             sets = self._sets(nft)
             wanted: list[Any] = [
@@ -147,9 +157,13 @@ class NftablesSets:
                     # (it iterates a list as an async iterator); what the kernel holds is
                     # checked just below.
                     nft.sets("add", set=item)
-            missing = {item.name for item in wanted} - self._sets(nft)
+            held = self._sets(nft)
+            missing = {item.name for item in wanted} - set(held)
             if missing:
                 raise OSError(f"nftables sets not created: {sorted(missing)}")
+            # A table made anew gets a new handle (a per-namespace counter); its sets' handles
+            # start again from the same numbers, so the table's is the one that tells.
+            return self._tables(nft).get(self.table), tuple(sorted(held.items()))
         finally:
             nft.close()
 
@@ -300,7 +314,7 @@ class IpsetSets:
             if not exists:
                 raise OSError(f"ipset {name} ({stype}): {exc}") from None
 
-    def ensure(self) -> None:
+    def ensure(self) -> object:
         import socket
 
         from pyroute2 import IPSet
@@ -320,6 +334,7 @@ class IpsetSets:
                     log.warning("netfilter_mac_exemptions_unavailable", error=str(exc),
                                 hint="allowlist devices by address, or use the nftables "
                                      "backend")
+        return None  # ipset has no generation to compare: exemptions are rewritten each check
 
     def add(self, v4: list[Element], v6: list[Element], refresh: set[str]) -> None:
         import socket
@@ -386,11 +401,14 @@ class Backstop:
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self.ready = False
-        self.started = asyncio.Event()  # set once the sets exist and the exemptions are written
+        self.started = asyncio.Event()  # set after the first check and exemption write
+        self.generation: object = None  # what ensure() last returned
+        self._check_now = False
         self._flush_lock = asyncio.Lock()  # one write at a time: `expires` must be current
         # The main process (which owns the device store) sets this; workers leave it None.
         self.exemptions: Callable[[], Exemptions] | None = None
         self.exempt_written: Exemptions | None = None  # what the kernel holds, when known
+        self._exempt_logged: Exemptions | None = None
         self._exempt_lock = asyncio.Lock()
 
     # -- from the DNS path (sync, cheap) ------------------------------------------------------
@@ -444,6 +462,8 @@ class Backstop:
                 continue  # a CDN or other shared name behind a CNAME: never into the sets
             timeout = max(low, min(high, int(rr.ttl)))
             address = str(rr.rdata)
+            if len(self.pending) >= MAX_PENDING and address not in self.pending:
+                break
             self.pending[address] = max(timeout, self.pending.get(address, 0))
             learned = True
         if learned:
@@ -452,25 +472,60 @@ class Backstop:
     # -- background ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            await asyncio.to_thread(self.backend.ensure)
-            self.ready = True
-            log.info("netfilter_ready", backend=self.config.backend)
-        except Exception as exc:
-            self.metrics.stats.netfilter["errors"] += 1
-            log.error("netfilter_unavailable", backend=self.config.backend, error=str(exc))
-            self.started.set()
-            return  # DNS goes on; the sets stay as they are
+        await self.check_sets()
         await self.sync_exemptions()
         self.started.set()
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(EXEMPT_RETRY_SECONDS):
+            try:
+                async with asyncio.timeout(CHECK_SECONDS):
                     await self.wake.wait()
+            except TimeoutError:
+                self._check_now = True
             self.wake.clear()
-            await self.flush()
-            await self.sync_exemptions()  # nothing to do unless a device changed or a write failed
+            if self._check_now:
+                self._check_now = False
+                await self.check_sets()
+            if self.ready:
+                await self.flush()
+                await self.sync_exemptions()  # nothing to do unless something changed or failed
             await asyncio.sleep(FLUSH_SECONDS)  # batch what arrives meanwhile
+
+    def request_check(self) -> None:
+        """Check the sets now (SIGHUP: e.g. after the firewall was reloaded)."""
+        self._check_now = True
+        self.wake.set()
+
+    async def check_sets(self) -> None:
+        """Create the sets when missing, and notice when they were made anew: a firewall reload
+        that starts with `flush ruleset` (as Debian's nftables.conf does) empties everything, and
+        then all we know is written again. Retries a backend that was unavailable."""
+        try:
+            generation = await asyncio.to_thread(self.backend.ensure)
+        except Exception as exc:
+            self.metrics.stats.netfilter["errors"] += 1
+            if self.ready or not self.started.is_set():  # log changes of state, not every retry
+                log.error("netfilter_unavailable", backend=self.config.backend, error=str(exc))
+            self.ready = False
+            return
+        recreated = self.ready and generation is not None and generation != self.generation
+        if not self.ready:
+            log.info("netfilter_ready", backend=self.config.backend)
+        if not self.ready or generation is None or recreated:
+            self.exempt_written = None  # unknown (ipset) or gone: write the exemptions again
+        self.generation = generation
+        self.ready = True
+        if recreated:
+            now = self.clock()
+            for address, until in self.expires.items():
+                if until > now:
+                    self.pending[address] = max(self.pending.get(address, 0),
+                                                int(until - now) + 1)
+            self.expires = {}
+            await self.flush()
+            await self.sync_exemptions()
+            log.warning("netfilter_sets_restored", backend=self.config.backend,
+                        addresses=self.size(),
+                        exemptions=len(self.exempt_written) if self.exempt_written else 0)
 
     async def sync_exemptions(self) -> None:
         """Bring the exemption sets in line with the allowlisted devices (after every device
@@ -490,8 +545,10 @@ class Backstop:
                           error=str(exc))
                 return
             self.exempt_written = wanted
-            log.info("netfilter_exemptions_updated", networks_v4=len(wanted.v4),
-                     networks_v6=len(wanted.v6), macs=len(wanted.macs))
+            if wanted != self._exempt_logged:  # not each periodic rewrite (ipset)
+                self._exempt_logged = wanted
+                log.info("netfilter_exemptions_updated", networks_v4=len(wanted.v4),
+                         networks_v6=len(wanted.v6), macs=len(wanted.macs))
 
     async def flush(self) -> None:
         async with self._flush_lock:

@@ -99,6 +99,8 @@ async def _serve(source: str | None, overrides: Overrides, index: int, conn: Con
         # (no `changed` hook needed: a device change arrives as a message, handled below)
 
     async def reload() -> None:
+        if core.backstop is not None:
+            core.backstop.request_check()
         try:
             core.apply(await asyncio.to_thread(load_config, source, overrides))
             await core.reload_lists()
