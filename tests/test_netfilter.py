@@ -26,7 +26,8 @@ import pytest
 from tests.conftest import UNMANAGED, Running, running_daemon
 from tests.fakes import FakeUpstream
 from tiktokguard.daemon import Daemon
-from tiktokguard.netfilter import Element, Exemptions
+from tiktokguard.netfilter import Element, Exemptions, interval
+from tiktokguard.policy.clients import Device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -453,3 +454,28 @@ async def test_a_backend_unavailable_at_start_is_tried_again(tmp_path: Path,
         await backstop.sync_exemptions()
         assert backstop.ready
         assert recorder.exemptions == [Exemptions(v4=(ip_network("127.0.0.20/32"),))]
+
+
+@pytest.mark.parametrize(("network", "expected"), [
+    ("10.70.2.20/32", ("10.70.2.20", "10.70.2.21")),
+    ("10.9.0.0/29", ("10.9.0.0", "10.9.0.8")),
+    ("255.255.255.0/24", ("255.255.255.0", None)),  # open at the top: no end element
+    ("2001:db8:5::/48", ("2001:db8:5::", "2001:db8:6::")),
+    ("ffff::/16", ("ffff::", None)),
+])
+def test_interval_bounds(network: str, expected: tuple[str, str | None]) -> None:
+    assert interval(ip_network(network)) == expected
+
+
+def test_exemptions_skip_inactive_and_expired_devices_and_merge_networks() -> None:
+    devices = [
+        Device("a", "a", (ip_network("10.0.0.0/25"), ip_network("2001:db8::1/128")),
+               ("02:00:00:00:00:01",)),
+        Device("b", "b", (ip_network("10.0.0.128/25"), ip_network("10.0.0.7/32"))),
+        Device("c", "c", (ip_network("10.9.9.9/32"),), ("02:00:00:00:00:03",), active=False),
+        Device("d", "d", (ip_network("10.8.8.8/32"),), expires_at=100.0),
+    ]
+    assert Exemptions.of(devices, now=200.0) == Exemptions(
+        v4=(ip_network("10.0.0.0/24"),), v6=(ip_network("2001:db8::1/128"),),
+        macs=("02:00:00:00:00:01",))
+    assert ip_network("10.8.8.8/32") in Exemptions.of(devices, now=50.0).v4

@@ -79,11 +79,9 @@ class Exemptions:
 def interval(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[str, str | None]:
     """An nftables interval [start, end): the end is the first address after the network, or
     None when the network reaches the top of the address space (the interval is then open)."""
-    after = int(net.broadcast_address) + 1
-    top = 2 ** net.max_prefixlen
-    return str(net.network_address), (str(ipaddress.ip_address(after) if net.version == 4
-                                          else ipaddress.IPv6Address(after))
-                                      if after < top else None)
+    last = net.broadcast_address
+    end = None if int(last) == 2 ** net.max_prefixlen - 1 else str(last + 1)
+    return str(net.network_address), end
 
 
 class KernelSets(Protocol):
