@@ -70,6 +70,8 @@ async def with_recorder(tmp_path: Path, upstream: FakeUpstream, recorder: Record
 
     async with running_daemon(tmp_path, [upstream.address], extra=config,
                               prepare=use_recorder, **options) as tg:
+        assert tg.daemon.core.backstop is not None
+        await tg.daemon.core.backstop.started.wait()  # the sets checked, exemptions written
         yield tg
 
 
@@ -303,7 +305,6 @@ async def test_exemption_sets_follow_the_device_store(tmp_path: Path,
     async with with_recorder(tmp_path, upstream, recorder) as tg:
         backstop = tg.daemon.core.backstop
         assert backstop is not None
-        await backstop.started.wait()
         assert recorder.exemptions == [Exemptions()]  # written on start, even when empty
         service = tg.daemon.devices_service
         assert service is not None
@@ -331,7 +332,6 @@ async def test_an_expired_device_leaves_the_exemption_sets(tmp_path: Path,
     async with with_recorder(tmp_path, upstream, recorder, clock=lambda: now[0]) as tg:
         backstop = tg.daemon.core.backstop
         assert backstop is not None
-        await backstop.started.wait()
         soon = datetime.fromtimestamp(now[0] + 3600, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         await tg.add_device(addresses=["127.0.0.20"], expires_at=soon)
         assert recorder.exemptions[-1].v4 == (ip_network("127.0.0.20/32"),)
@@ -346,7 +346,6 @@ async def test_a_failed_exemption_write_is_counted_and_written_again(
     async with with_recorder(tmp_path, upstream, recorder) as tg:
         backstop = tg.daemon.core.backstop
         assert backstop is not None
-        await backstop.started.wait()
         await tg.add_device(addresses=["127.0.0.20"])  # the store takes it; the kernel does not
         assert tg.metrics.sample("tiktokguard_netfilter_errors_total") == 2
         assert backstop.exempt_written is None
@@ -422,7 +421,6 @@ async def test_sets_made_anew_are_filled_again(tmp_path: Path, upstream: FakeUps
     async with with_recorder(tmp_path, upstream, recorder, "shadow_resolution = false") as tg:
         backstop = tg.daemon.core.backstop
         assert backstop is not None
-        await backstop.started.wait()
         await tg.add_device(addresses=["127.0.0.20"])
         await tg.ask("www.tiktokv.com", source=UNMANAGED)
         await backstop.flush()
@@ -444,7 +442,6 @@ async def test_a_backend_unavailable_at_start_is_tried_again(tmp_path: Path,
     async with with_recorder(tmp_path, upstream, recorder) as tg:
         backstop = tg.daemon.core.backstop
         assert backstop is not None
-        await backstop.started.wait()
         assert not backstop.ready and recorder.exemptions == []
         assert tg.metrics.sample("tiktokguard_netfilter_errors_total") == 1
         assert (await tg.ask("a.test")).answer  # DNS as usual

@@ -322,16 +322,20 @@ class IpsetSets:
                 family = socket.AF_INET if version == 4 else socket.AF_INET6
                 self._create(ipset, name, "hash:ip", family, timeout=self.default_timeout)
             for name, (stype, family) in self.exempt_sets.items():
+                if name != self.exempt_mac:
+                    self._create(ipset, name, stype, family)
+                    continue
                 try:
                     self._create(ipset, name, stype, family)
                 except OSError as exc:
-                    if name != self.exempt_mac:
-                        raise
                     # Some kernels are built without hash:mac; addresses still work.
+                    if self.mac_supported:  # said once, not at every check
+                        log.warning("netfilter_mac_exemptions_unavailable", error=str(exc),
+                                    hint="allowlist devices by address, or use the nftables "
+                                         "backend")
                     self.mac_supported = False
-                    log.warning("netfilter_mac_exemptions_unavailable", error=str(exc),
-                                hint="allowlist devices by address, or use the nftables "
-                                     "backend")
+                else:
+                    self.mac_supported = True
         return None  # ipset has no generation to compare: exemptions are rewritten each check
 
     def add(self, v4: list[Element], v6: list[Element], refresh: set[str]) -> None:
@@ -417,8 +421,8 @@ class Backstop:
 
     def blocked(self, qname: bytes) -> None:
         """A managed client was blocked for qname: resolve it ourselves, in the background."""
-        if not self.config.shadow_resolution:
-            return
+        if not self.config.shadow_resolution or not self.ready:
+            return  # (nowhere to put the addresses while the backend is unavailable)
         now = self.clock()
         if self.shadowed.get(qname, 0.0) > now:
             return
