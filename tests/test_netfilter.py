@@ -26,6 +26,7 @@ import pytest
 from tests.conftest import UNMANAGED, Running, running_daemon
 from tests.fakes import FakeUpstream
 from tiktokguard.daemon import Daemon
+from tiktokguard.dns.wire import index_response
 from tiktokguard.netfilter import Element, Exemptions, interval
 from tiktokguard.policy.clients import Device
 
@@ -128,12 +129,13 @@ async def test_refresh_only_when_past_half_the_timeout(tmp_path: Path,
         now = [1000.0]
         backstop.clock = lambda: now[0]
         wire = (await tg.ask("www.tiktokv.com", source=UNMANAGED)).to_wire()
+        index = index_response(wire)
         await backstop.flush()
-        backstop.answer(wire)
+        backstop.answer(wire, index)
         now[0] += 10  # well within the 60 s: nothing to write
         await backstop.flush()
         assert len(recorder.writes) == 1
-        backstop.answer(wire)
+        backstop.answer(wire, index)
         now[0] += 25  # past half: delete and add again, with the new timeout
         await backstop.flush()
         assert recorder.writes[-1] == ([("192.0.2.66", 60)], [], {"192.0.2.66"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import struct
 
 import dns.edns
@@ -30,6 +31,7 @@ from tiktokguard.dns.wire import (
     decode_mac_option,
     index_response,
     parse_query,
+    question_addresses,
     strip_opt,
     text_to_wire,
     wire_to_text,
@@ -215,3 +217,24 @@ def test_index_tells_when_the_answer_names_other_names() -> None:
     at = uncompressed.index(b"\xc0\x0c")
     uncompressed = uncompressed[:at] + owner + uncompressed[at + 2:]
     assert index_response(uncompressed).other_names is True
+
+
+@given(st.lists(st.tuples(st.sampled_from(["A", "AAAA", "TXT", "MX"]), st.integers(0, 2**31 - 1),
+                          st.integers(0, 2**128 - 1)), max_size=8),
+       st.booleans())
+def test_question_addresses_agree_with_dnslib(records: list[tuple[str, int, int]],
+                                              edns: bool) -> None:
+    q = dns.message.make_query("www.example.com", "A", use_edns=0 if edns else None)
+    r = dns.message.make_response(q)
+    for rtype, ttl, value in records:
+        data = {"A": str(ipaddress.IPv4Address(value % 2**32)),
+                "AAAA": str(ipaddress.IPv6Address(value)), "TXT": '"x"',
+                "MX": "10 mx.example.net."}[rtype]
+        r.answer.append(dns.rrset.from_text("www.example.com.", ttl, "IN", rtype, data))
+    r.authority.append(dns.rrset.from_text("example.com.", 60, "IN", "NS", "ns.example.net."))
+    wire = r.to_wire()
+    index = index_response(wire)
+    assert index.other_names is False
+    expected = [(str(rr.rdata), rr.ttl) for rr in dnslib.DNSRecord.parse(wire).rr
+                if rr.rtype in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA)]
+    assert question_addresses(wire, index) == expected

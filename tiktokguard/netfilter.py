@@ -31,7 +31,7 @@ import dnslib
 
 from tiktokguard.config import NetfilterConfig
 from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
-from tiktokguard.dns.wire import RD, TYPE_A, TYPE_AAAA
+from tiktokguard.dns.wire import RD, TYPE_A, TYPE_AAAA, RecordIndex, question_addresses
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
 from tiktokguard.policy.clients import Device
@@ -98,6 +98,8 @@ class KernelSets(Protocol):
 
 
 NFPROTO_INET = 1
+# Elements per netlink message: an attribute's length is 16 bits (64 KiB), ~48 bytes an element.
+ELEMENTS_PER_BATCH = 1000
 ELEM_INTERVAL_END = frozenset({1, "NFT_SET_ELEM_INTERVAL_END"})
 # pyroute2 0.9.x encodes NFTA_SET_ELEM_FLAGS by enumerating a dict's *keys* ({1: name}), so the
 # flag is found as 1; a fixed pyroute2 would look for the name. Both are in the set; the namespace
@@ -166,23 +168,30 @@ class NftablesSets:
             nft.close()
 
     def add(self, v4: list[Element], v6: list[Element], refresh: set[str]) -> None:
-        from pyroute2.nftables.main import NFTSet
+        """Add timed elements; an element being refreshed is deleted and added again in the same
+        transaction (nftables cannot change an element's timeout), so it is never missing."""
+        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM
+        from pyroute2.nftables.main import NFTSetElem
 
         nft = self._nft()
         try:
             for version, elements in ((4, v4), (6, v6)):
-                if not elements:
-                    continue
-                # set_elems wants an NFTSet object: given a name, pyroute2 0.9.x looks the set
-                # up with a call that fails.
-                target = NFTSet(table=self.table, name=self.names[version],
-                                key_type="ipv4_addr" if version == 4 else "ipv6_addr")
-                again = [{"value": a} for a, _t in elements if a in refresh]
-                if again:
-                    # An element's timeout cannot be changed in place: delete and add again.
-                    nft.set_elems("del", set=target, elements=again)
-                nft.set_elems("add", set=target,
-                              elements=[{"value": a, "timeout": t * 1000} for a, t in elements])
+                key = f"ipv{version}_addr"
+                modifier = _modifier(key)
+                target = [["NFTA_SET_ELEM_LIST_TABLE", self.table],
+                          ["NFTA_SET_ELEM_LIST_SET", self.names[version]]]
+                for i in range(0, len(elements), ELEMENTS_PER_BATCH):
+                    chunk = elements[i:i + ELEMENTS_PER_BATCH]
+                    again = [NFTSetElem(value=a).as_netlink(modifier)
+                             for a, _t in chunk if a in refresh]
+                    new = [NFTSetElem(value=a, timeout=t * 1000).as_netlink(modifier)
+                           for a, t in chunk]
+                    messages = [(NFT_MSG_NEWSETELEM,
+                                 [*target, ["NFTA_SET_ELEM_LIST_ELEMENTS", new]])]
+                    if again:
+                        messages.insert(0, (NFT_MSG_DELSETELEM,
+                                            [*target, ["NFTA_SET_ELEM_LIST_ELEMENTS", again]]))
+                    _transaction(nft, messages)
         finally:
             nft.close()
 
@@ -208,11 +217,11 @@ class NftablesSets:
                 elements.append(NFTSetElem(value=start))
                 if end is not None:
                     elements.append(interval_end(value=end))
-            if elements:
-                modifier = _modifier(key)
-                messages.append((NFT_MSG_NEWSETELEM, [
-                    *target, ["NFTA_SET_ELEM_LIST_ELEMENTS",
-                              [e.as_netlink(modifier) for e in elements]]]))
+            modifier = _modifier(key)
+            for i in range(0, len(elements), ELEMENTS_PER_BATCH):  # still one transaction
+                chunk = [e.as_netlink(modifier) for e in elements[i:i + ELEMENTS_PER_BATCH]]
+                messages.append((NFT_MSG_NEWSETELEM,
+                                 [*target, ["NFTA_SET_ELEM_LIST_ELEMENTS", chunk]]))
         nft = self._nft()
         try:
             _transaction(nft, messages)
@@ -415,9 +424,12 @@ class Backstop:
 
     # -- from the DNS path (sync, cheap) ------------------------------------------------------
 
-    def answer(self, wire: bytes) -> None:
+    def answer(self, wire: bytes, index: RecordIndex) -> None:
         """An upstream answer for a listed name: keep its addresses."""
-        self._learn(wire)
+        if index.other_names:
+            self._learn(wire)  # CNAMEs, or owners other than the question: check each owner
+        else:
+            self._keep(question_addresses(wire, index))  # all the listed question's own
 
     def blocked(self, qname: bytes) -> None:
         """A managed client was blocked for qname: resolve it ourselves, in the background."""
@@ -447,7 +459,7 @@ class Backstop:
             except AllUpstreamsFailed:
                 return
             self.metrics.stats.netfilter["shadow_resolved"] += 1
-            self._learn(reply.wire)
+            self.answer(reply.wire, reply.index)  # (index_response has checked every record)
 
     def _learn(self, wire: bytes) -> None:
         try:
@@ -455,21 +467,28 @@ class Backstop:
         except Exception:  # dnslib raises several types on odd input; nothing to learn then
             return
         matcher = self.matcher()
-        low, high = self.config.min_timeout, self.config.max_timeout
-        learned = False
+        found = []
         for rr in message.rr:
             if rr.rtype not in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA):
                 continue
             if matcher.match_text(str(rr.rname)) is None:
                 continue  # a CDN or other shared name behind a CNAME: never into the sets
-            timeout = max(low, min(high, int(rr.ttl)))
-            address = str(rr.rdata)
-            if len(self.pending) >= MAX_PENDING and address not in self.pending:
+            found.append((str(rr.rdata), int(rr.ttl)))
+        self._keep(found)
+
+    def _keep(self, found: list[tuple[str, int]]) -> None:
+        """Addresses with their TTLs, for the next write (timeouts kept within bounds)."""
+        if not found:
+            return
+        low, high = self.config.min_timeout, self.config.max_timeout
+        pending = self.pending
+        for address, ttl in found:
+            if len(pending) >= MAX_PENDING and address not in pending:
                 break
-            self.pending[address] = max(timeout, self.pending.get(address, 0))
-            learned = True
-        if learned:
-            self.wake.set()
+            timeout = low if ttl < low else high if ttl > high else ttl
+            if pending.get(address, 0) < timeout:
+                pending[address] = timeout
+        self.wake.set()
 
     # -- background ---------------------------------------------------------------------------
 
@@ -577,6 +596,8 @@ class Backstop:
             self.metrics.stats.netfilter["errors"] += 1
             log.error("netfilter_write_failed", backend=self.config.backend, error=str(exc),
                       addresses=len(todo))
+            for address in refresh:  # perhaps gone from the kernel: next time, a plain add
+                self.expires.pop(address, None)
             return
         for address, timeout in todo.items():
             self.expires[address] = now + timeout

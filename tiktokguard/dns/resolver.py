@@ -30,6 +30,7 @@ from tiktokguard.dns.wire import (
     DropPacket,
     Query,
     QueryError,
+    RecordIndex,
     bare_response,
     error_response,
     parse_query,
@@ -54,7 +55,7 @@ class IncidentSink(Protocol):
 class AddressLearner(Protocol):
     """The network-level backstop: learns addresses of blocked names (netfilter.Backstop)."""
 
-    def answer(self, wire: bytes) -> None: ...
+    def answer(self, wire: bytes, index: RecordIndex) -> None: ...
 
     def blocked(self, qname: bytes) -> None: ...
 
@@ -200,7 +201,7 @@ class Resolver:
                            index.question_end, chain_rule)
         self.cache.put(self._key(query), entry)
         if self.backstop is not None and (decision.rule is not None or chain_rule is not None):
-            self.backstop.answer(wire)  # a listed name's addresses, for the kernel sets
+            self.backstop.answer(wire, index)  # a listed name's addresses, for the kernel sets
         if chain_rule is not None and decision.client_class is ClientClass.MANAGED:
             return self._block(query, decision, chain_rule, client_ip, mac, transport, now,
                                started)

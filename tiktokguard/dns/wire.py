@@ -7,6 +7,8 @@ Every function here is cross-checked against dnslib and dnspython in tests/test_
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -402,6 +404,27 @@ def index_response(wire: bytes) -> RecordIndex:
         raise ValueError(f"malformed response: {exc}") from None
     return RecordIndex(flags & 0xF, flags, ancount, nscount, arcount, question_end,
                        tuple(ttl_offsets), opt_span, min_ttl, negative_ttl, other_names)
+
+
+def question_addresses(wire: bytes, index: RecordIndex) -> list[tuple[str, int]]:
+    """(address, TTL) of the A/AAAA records in the answer section of a response that
+    index_response accepted and found naming nothing but the question (`other_names` False),
+    so every answer record belongs to the question name. The network backstop's fast path: no
+    name decoding, no full parse."""
+    out: list[tuple[str, int]] = []
+    pos = index.question_end
+    for _ in range(index.ancount):
+        pos = _read_name_end(wire, pos)
+        rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(wire, pos)
+        rdata = pos + 10
+        if rtype == TYPE_A and rdlength == 4:
+            out.append((socket.inet_ntop(socket.AF_INET, wire[rdata:rdata + 4]), ttl))
+        elif rtype == TYPE_AAAA and rdlength == 16:
+            # (ipaddress, not inet_ntop: one spelling for every address, e.g. "::1:0" and
+            # never "::0.1.0.0", as dnslib's slow path writes it too)
+            out.append((str(ipaddress.IPv6Address(wire[rdata:rdata + 16])), ttl))
+        pos = rdata + rdlength
+    return out
 
 
 def strip_opt(wire: bytes, index: RecordIndex) -> tuple[bytes, RecordIndex]:
