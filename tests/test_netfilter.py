@@ -478,3 +478,29 @@ def test_exemptions_skip_inactive_and_expired_devices_and_merge_networks() -> No
         v4=(ip_network("10.0.0.0/24"),), v6=(ip_network("2001:db8::1/128"),),
         macs=("02:00:00:00:00:01",))
     assert ip_network("10.8.8.8/32") in Exemptions.of(devices, now=50.0).v4
+
+
+WRITE_MANY = """
+from tiktokguard.config import NetfilterConfig
+from tiktokguard.netfilter import NftablesSets
+sets = NftablesSets(NetfilterConfig(backend="nftables"))
+sets.ensure()
+sets.add([(f"10.0.{i >> 8}.{i & 255}", 600) for i in range(3000)],
+         [(f"2001:db8::{i:x}", 600) for i in range(3000)], set())
+sets.add([("10.0.0.1", 900)], [], {"10.0.0.1"})  # a refresh: deleted and added in one go
+"""
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (apt-get install nftables)")
+def test_nftables_writes_thousands_of_addresses(netns: str) -> None:
+    # One netlink attribute holds at most 64 KiB: big writes go in batches.
+    subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", WRITE_MANY], cwd=ROOT,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+    listing = json.loads(subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "tiktokguard"],
+        capture_output=True, text=True, check=True).stdout)
+    sets = {item["set"]["name"]: item["set"] for item in listing["nftables"] if "set" in item}
+    assert len(sets["tiktok_v4"]["elem"]) == 3000 and len(sets["tiktok_v6"]["elem"]) == 3000
+    refreshed = next(e["elem"] for e in sets["tiktok_v4"]["elem"]
+                     if isinstance(e, dict) and e["elem"]["val"] == "10.0.0.1")
+    assert refreshed["timeout"] == 900
