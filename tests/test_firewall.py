@@ -31,7 +31,7 @@ RULESET = ROOT / "systemd" / "tiktokguard-nftables.conf"
 TOKEN = "firewall-test-admin-token"
 DEVICE_MAC = "02:00:00:00:00:20"
 TIKTOK_V4, TIKTOK_V6 = "192.0.2.66", "2001:db8::66"  # tests/fakes.py: *.tiktokv.com
-OTHER_V4 = "192.0.2.80"  # an ordinary server
+OTHER_V4, OTHER_V6 = "192.0.2.80", "2001:db8::80"  # an ordinary server
 
 pytestmark = [
     pytest.mark.skipif(bool(SKIP), reason=SKIP or ""),
@@ -107,6 +107,7 @@ def topology() -> Iterator[dict[str, str]]:
             sh("ip", "-n", ns[role], "route", "add", "default", "via", gw4)
             sh("ip", "-n", ns[role], "-6", "route", "add", "default", "via", gw6)
         sh("ip", "-n", ns["s"], "addr", "add", f"{OTHER_V4}/24", "dev", "s0")
+        sh("ip", "-n", ns["s"], "addr", "add", f"{OTHER_V6}/64", "dev", "s0", "nodad")
         # /proc/sys/net shows the namespace of the process that writes it
         sh("ip", "netns", "exec", ns["r"], "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward "
            "&& echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")
@@ -156,7 +157,7 @@ async def test_shipped_ruleset_blocks_managed_clients_and_lets_the_allowlisted_d
     config = tmp_path / "tg.toml"
     config.write_text(f"""
 [dns]
-listen = ["10.70.1.1:53", "10.70.2.1:53"]
+listen = ["10.70.1.1:53", "10.70.2.1:53", "[fd70:1::1]:53"]
 upstreams = ["127.0.0.1:5300"]
 allow_clients = ["10.70.0.0/16", "fd70::/16", "127.0.0.0/8"]
 [policy]
@@ -190,6 +191,9 @@ dir = "{tmp_path / 'state'}"
         # resolver is answered by tiktokguard (the TikTok name blocked, others resolved).
         assert await probe(client, ("tcp", OTHER_V4, 443), ("tcp", OTHER_V4, 853),
                            ("dns", OTHER_V4, "www.tiktokv.com"), ("dns", OTHER_V4, "a.test")) \
+            == ["open", "refused", "NXDOMAIN", "NOERROR"]
+        assert await probe(client, ("tcp", OTHER_V6, 443), ("tcp", OTHER_V6, 853),
+                           ("dns", OTHER_V6, "www.tiktokv.com"), ("dns", OTHER_V6, "a.test")) \
             == ["open", "refused", "NXDOMAIN", "NOERROR"]
 
         # Allowlisted by MAC only: still through (this router is the device's gateway).
