@@ -588,8 +588,8 @@ class Backstop:
         if not todo:
             return
         refresh = {a for a in todo if a in self.expires}
-        v4 = [(a, t) for a, t in todo.items() if ipaddress.ip_address(a).version == 4]
-        v6 = [(a, t) for a, t in todo.items() if ipaddress.ip_address(a).version == 6]
+        v4 = [(a, t) for a, t in todo.items() if ":" not in a]  # (text from inet_ntop/ipaddress)
+        v6 = [(a, t) for a, t in todo.items() if ":" in a]
         try:
             await asyncio.to_thread(self.backend.add, v4, v6, refresh)
         except Exception as exc:
