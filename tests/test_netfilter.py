@@ -42,6 +42,8 @@ class Recorder:
         self.exemptions: list[Exemptions] = []
         self.generation: object = ("sets", 1)  # a new value: the sets were made anew
         self.unavailable = False
+        self.loop = asyncio.get_running_loop()
+        self.added: asyncio.Queue[list[Element]] = asyncio.Queue()  # each add, as it happens
 
     def ensure(self) -> object:
         if self.unavailable:
@@ -52,6 +54,7 @@ class Recorder:
         if self.fail:
             raise PermissionError("netlink: operation not permitted")
         self.writes.append((v4, v6, refresh))
+        self.loop.call_soon_threadsafe(self.added.put_nowait, v4 + v6)  # (called in a thread)
 
     def exempt(self, exemptions: Exemptions) -> None:
         if self.fail:
@@ -504,3 +507,15 @@ def test_nftables_writes_thousands_of_addresses(netns: str) -> None:
     refreshed = next(e["elem"] for e in sets["tiktok_v4"]["elem"]
                      if isinstance(e, dict) and e["elem"]["val"] == "10.0.0.1")
     assert refreshed["timeout"] == 900
+
+
+async def test_sighup_writes_everything_again_when_the_backend_cannot_tell(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    recorder.generation = None  # as ipset: no way to see that a set was flushed
+    async with with_recorder(tmp_path, upstream, recorder, "shadow_resolution = false") as tg:
+        await tg.ask("www.tiktokv.com", source=UNMANAGED)
+        assert await asyncio.wait_for(recorder.added.get(), 10) == [("192.0.2.66", 60)]
+        assert await tg.daemon.reload("SIGHUP")  # what `systemctl reload` does
+        again = await asyncio.wait_for(recorder.added.get(), 10)
+        assert [a for a, _t in again] == ["192.0.2.66"]

@@ -415,6 +415,7 @@ class Backstop:
         self.started = asyncio.Event()  # set after the first check and exemption write
         self.generation: object = None  # what ensure() last returned
         self._check_now = False
+        self._rewrite = False  # (see request_check)
         self._flush_lock = asyncio.Lock()  # one write at a time: `expires` must be current
         # The main process (which owns the device store) sets this; workers leave it None.
         self.exemptions: Callable[[], Exemptions] | None = None
@@ -512,8 +513,9 @@ class Backstop:
             await asyncio.sleep(FLUSH_SECONDS)  # batch what arrives meanwhile
 
     def request_check(self) -> None:
-        """Check the sets now (SIGHUP: e.g. after the firewall was reloaded)."""
-        self._check_now = True
+        """Check the sets now (SIGHUP: e.g. after the firewall was reloaded). A backend that
+        cannot tell whether its sets were made anew (ipset) writes everything again."""
+        self._check_now = self._rewrite = True
         self.wake.set()
 
     async def check_sets(self) -> None:
@@ -528,7 +530,9 @@ class Backstop:
                 log.error("netfilter_unavailable", backend=self.config.backend, error=str(exc))
             self.ready = False
             return
-        recreated = self.ready and generation is not None and generation != self.generation
+        rewrite, self._rewrite = self._rewrite, False
+        recreated = self.ready and (generation != self.generation if generation is not None
+                                    else rewrite)
         if not self.ready:
             log.info("netfilter_ready", backend=self.config.backend)
         if not self.ready or generation is None or recreated:
