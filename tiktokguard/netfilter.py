@@ -421,6 +421,7 @@ class Backstop:
         self.exemptions: Callable[[], Exemptions] | None = None
         self.exempt_written: Exemptions | None = None  # what the kernel holds, when known
         self._exempt_logged: Exemptions | None = None
+        self._exempt_error: str | None = None
         self._exempt_lock = asyncio.Lock()
 
     # -- from the DNS path (sync, cheap) ------------------------------------------------------
@@ -566,9 +567,12 @@ class Backstop:
             except Exception as exc:
                 self.exempt_written = None  # unknown: write again on the next try
                 self.metrics.stats.netfilter["errors"] += 1
-                log.error("netfilter_exempt_failed", backend=self.config.backend,
-                          error=str(exc))
+                if str(exc) != self._exempt_error:  # retried every 10 s: said once per cause
+                    self._exempt_error = str(exc)
+                    log.error("netfilter_exempt_failed", backend=self.config.backend,
+                              error=str(exc), retry_seconds=CHECK_SECONDS)
                 return
+            self._exempt_error = None
             self.exempt_written = wanted
             if wanted != self._exempt_logged:  # not each periodic rewrite (ipset)
                 self._exempt_logged = wanted
