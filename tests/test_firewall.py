@@ -10,23 +10,29 @@ Needs root, iproute2 and nft (CI has them); skipped with the reason elsewhere.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_netfilter import SKIP, process_in, wait_event
+from tests.netns import (
+    ROOT,
+    SKIP,
+    admin_token,
+    devices_in,
+    exec_in,
+    ip,
+    process_in,
+    python_in,
+    wait_event,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 RULESET = ROOT / "systemd" / "tiktokguard-nftables.conf"
 TOKEN = "firewall-test-admin-token"
 DEVICE_MAC = "02:00:00:00:00:20"
@@ -76,40 +82,36 @@ asyncio.run(main())
 """
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
 @pytest.fixture
 def topology() -> Iterator[dict[str, str]]:
     tag = os.getpid() % 10000
     ns = {role: f"tgfw{tag}{role}" for role in ("r", "c", "d", "s")}
     try:
         for name in ns.values():
-            sh("ip", "netns", "add", name)
-            sh("ip", "-n", name, "link", "set", "lo", "up")
+            ip("netns", "add", name)
+            ip("-n", name, "link", "set", "lo", "up")
         # (client side, router side, client v4, router v4, client v6, router v6)
         links = {"c": ("10.70.1.10", "10.70.1.1", "fd70:1::10", "fd70:1::1"),
                  "d": ("10.70.2.20", "10.70.2.1", "fd70:2::20", "fd70:2::1"),
                  "s": (TIKTOK_V4, "192.0.2.1", TIKTOK_V6, "2001:db8::1")}
         for i, (role, (v4, gw4, v6, gw6)) in enumerate(links.items(), start=1):
             inner, outer = f"{role}0", f"r{i}"
-            sh("ip", "link", "add", inner, "netns", ns[role], "type", "veth", "peer", outer,
+            ip("link", "add", inner, "netns", ns[role], "type", "veth", "peer", outer,
                "netns", ns["r"])
             if role == "d":
-                sh("ip", "-n", ns[role], "link", "set", inner, "address", DEVICE_MAC)
-            sh("ip", "-n", ns[role], "addr", "add", f"{v4}/24", "dev", inner)
-            sh("ip", "-n", ns[role], "addr", "add", f"{v6}/64", "dev", inner, "nodad")
-            sh("ip", "-n", ns["r"], "addr", "add", f"{gw4}/24", "dev", outer)
-            sh("ip", "-n", ns["r"], "addr", "add", f"{gw6}/64", "dev", outer, "nodad")
+                ip("-n", ns[role], "link", "set", inner, "address", DEVICE_MAC)
+            ip("-n", ns[role], "addr", "add", f"{v4}/24", "dev", inner)
+            ip("-n", ns[role], "addr", "add", f"{v6}/64", "dev", inner, "nodad")
+            ip("-n", ns["r"], "addr", "add", f"{gw4}/24", "dev", outer)
+            ip("-n", ns["r"], "addr", "add", f"{gw6}/64", "dev", outer, "nodad")
             for dev, where in ((inner, ns[role]), (outer, ns["r"])):
-                sh("ip", "-n", where, "link", "set", dev, "up")
-            sh("ip", "-n", ns[role], "route", "add", "default", "via", gw4)
-            sh("ip", "-n", ns[role], "-6", "route", "add", "default", "via", gw6)
-        sh("ip", "-n", ns["s"], "addr", "add", f"{OTHER_V4}/24", "dev", "s0")
-        sh("ip", "-n", ns["s"], "addr", "add", f"{OTHER_V6}/64", "dev", "s0", "nodad")
+                ip("-n", where, "link", "set", dev, "up")
+            ip("-n", ns[role], "route", "add", "default", "via", gw4)
+            ip("-n", ns[role], "-6", "route", "add", "default", "via", gw6)
+        ip("-n", ns["s"], "addr", "add", f"{OTHER_V4}/24", "dev", "s0")
+        ip("-n", ns["s"], "addr", "add", f"{OTHER_V6}/64", "dev", "s0", "nodad")
         # /proc/sys/net shows the namespace of the process that writes it
-        sh("ip", "netns", "exec", ns["r"], "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward "
+        ip("netns", "exec", ns["r"], "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward "
            "&& echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")
         yield ns
     finally:
@@ -128,32 +130,18 @@ def ruleset_for_test() -> str:
     return text
 
 
-async def run(*args: str, stdin: str | None = None) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT),
-                                                           TIKTOKGUARD_TOKEN=TOKEN))
-    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-    assert proc.returncode == 0, f"{args}: {err.decode()}"
-    return out.decode()
-
-
 async def probe(ns: str, *checks: tuple[str, str, object]) -> list[str]:
-    out = await run("ip", "netns", "exec", ns, sys.executable, "-c", PROBE,
-                    json.dumps(checks))
-    return list(json.loads(out))
+    return list(json.loads(await python_in(ns, "-c", PROBE, json.dumps(checks))))
 
 
 async def devices(ns: str, *args: str) -> dict[str, object]:
-    out = await run("ip", "netns", "exec", ns, sys.executable, "-m", "tiktokguard", "devices",
-                    "--api", "http://127.0.0.1:8053", "--json", *args)
-    return dict(json.loads(out))
+    return await devices_in(ns, "http://127.0.0.1:8053", TOKEN, *args)
 
 
 async def test_shipped_ruleset_blocks_managed_clients_and_lets_the_allowlisted_device_through(
         topology: dict[str, str], tmp_path: Path) -> None:
     router, client, device, server = (topology[r] for r in ("r", "c", "d", "s"))
-    await run("ip", "netns", "exec", router, "nft", "-f", "-", stdin=ruleset_for_test())
+    await exec_in(router, "nft", "-f", "-", stdin=ruleset_for_test())
     config = tmp_path / "tg.toml"
     config.write_text(f"""
 [dns]
@@ -164,7 +152,7 @@ allow_clients = ["10.70.0.0/16", "fd70::/16", "127.0.0.0/8"]
 managed_networks = ["10.70.0.0/16", "fd70::/16"]
 [http]
 listen = "127.0.0.1:8053"
-tokens.it = {{ role = "admin", sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}" }}
+{admin_token(TOKEN)}
 [netfilter]
 backend = "nftables"
 [state]
@@ -204,8 +192,8 @@ dir = "{tmp_path / 'state'}"
 
         # The firewall is reloaded the Debian way (`flush ruleset`, then the files): the sets are
         # made anew, empty, and the managed client gets through...
-        await run("ip", "netns", "exec", router, "nft", "flush", "ruleset")
-        await run("ip", "netns", "exec", router, "nft", "-f", "-", stdin=ruleset_for_test())
+        await exec_in(router, "nft", "flush", "ruleset")
+        await exec_in(router, "nft", "-f", "-", stdin=ruleset_for_test())
         assert await probe(client, *tiktok) == ["open", "open"]
         # ...until tiktokguard notices (every 10 s, or at once on SIGHUP) and writes it all again.
         daemon.send_signal(signal.SIGHUP)
@@ -217,8 +205,8 @@ dir = "{tmp_path / 'state'}"
         # Deactivated: the device leaves the exemption sets before the API answers.
         await devices(router, "deactivate", str(phone["id"]))
         assert await probe(device, *tiktok) == ["refused", "refused"]
-        listing = json.loads(await run("ip", "netns", "exec", router, "nft", "-j", "list",
-                                       "table", "inet", "tiktokguard"))
+        listing = json.loads(await exec_in(router, "nft", "-j", "list", "table", "inet",
+                                           "tiktokguard"))
         sets = {i["set"]["name"]: i["set"] for i in listing["nftables"] if "set" in i}
         assert all("elem" not in sets[name] for name in ("exempt_v4", "exempt_v6", "exempt_mac"))
         counters = [rule for item in listing["nftables"] if "rule" in item

@@ -7,7 +7,6 @@ inside a network namespace the test creates (root and iproute2 needed; CI has bo
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -25,12 +24,20 @@ import pytest
 
 from tests.conftest import UNMANAGED, Running, running_daemon
 from tests.fakes import FakeUpstream
+from tests.netns import (
+    ENV,
+    ROOT,
+    SKIP,
+    admin_token,
+    devices_in,
+    process_in,
+    python_in,
+    wait_event,
+)
 from tiktokguard.daemon import Daemon
 from tiktokguard.dns.wire import index_response
 from tiktokguard.netfilter import Element, Exemptions, interval
 from tiktokguard.policy.clients import Device
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Recorder:
@@ -179,22 +186,6 @@ async def test_shadow_resolution_is_rate_limited(tmp_path: Path, upstream: FakeU
 # -- real kernel sets in a network namespace ------------------------------------------------------
 
 
-def _namespaces_allowed() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "needs iproute2's ip"
-    probe = subprocess.run(["ip", "netns", "add", f"tgnfprobe{os.getpid()}"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"ip netns add is not allowed here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", f"tgnfprobe{os.getpid()}"], capture_output=True)
-    return None
-
-
-SKIP = _namespaces_allowed()
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
     if SKIP:
@@ -208,38 +199,6 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-@asynccontextmanager
-async def process_in(ns: str, *args: str, ready: str) -> AsyncIterator[
-        asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", ns, sys.executable, *args, cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(20):
-            while ready.encode() not in (line := await proc.stdout.readline()):
-                if not line:
-                    raise AssertionError((await proc.stderr.read()).decode())  # type: ignore
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
-
-async def wait_event(proc: asyncio.subprocess.Process, name: str) -> dict[str, object]:
-    assert proc.stdout is not None
-    async with asyncio.timeout(20):
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"daemon ended before {name}")
-            record = json.loads(line)
-            if record.get("event") == name:
-                return record
-
-
 QUERY = """
 import sys, dns.message, dns.query
 r = dns.query.udp(dns.message.make_query(sys.argv[1], "A"), "127.0.0.1", port=5353, timeout=3)
@@ -247,27 +206,35 @@ print(r.rcode())
 """
 
 
-async def run_backstop_in(netns: str, tmp_path: Path, backend: str) -> None:
+API = "http://127.0.0.1:8053"
+TOKEN = "netfilter-test-admin-token"
+
+
+def namespace_config(tmp_path: Path, backend: str) -> Path:
+    """A config for a daemon in a test namespace: DNS on 127.0.0.1:5353 forwarding to a fake
+    upstream on :5300, the API on API with TOKEN as an admin token."""
     config = tmp_path / "tg.toml"
     config.write_text(f"""
 [dns]
 listen = ["127.0.0.1:5353"]
 upstreams = ["127.0.0.1:5300"]
 [http]
-listen = ""
+listen = "{API.removeprefix('http://')}"
+{admin_token(TOKEN)}
 [netfilter]
 backend = "{backend}"
 [state]
 dir = "{tmp_path / 'state'}"
 """)
+    return config
+
+
+async def run_backstop_in(netns: str, tmp_path: Path, backend: str) -> None:
+    config = namespace_config(tmp_path, backend)
     async with process_in(netns, "-m", "tests.fakes", "127.0.0.1", "5300", ready="ready"), \
             process_in(netns, "-m", "tiktokguard", "serve", "--config", str(config),
                        "--log-format", "json", ready="netfilter_ready") as daemon:
-        query = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", netns, sys.executable, "-c", QUERY, "www.tiktokv.com",
-            stdout=asyncio.subprocess.PIPE)
-        out, _ = await query.communicate()
-        assert out.strip() == b"3"  # NXDOMAIN: blocked
+        assert (await python_in(netns, "-c", QUERY, "www.tiktokv.com")).strip() == "3"  # NXDOMAIN
         added = 0
         while added < 2:  # the A and the AAAA answer may come in one batch or in two
             added += int(str((await wait_event(daemon, "netfilter_sets_updated"))["added"]))
@@ -385,29 +352,10 @@ async def test_kernel_exemption_sets_follow_device_changes(netns: str, tmp_path:
                                                           backend: str) -> None:
     if shutil.which("nft" if backend == "nftables" else "ipset") is None:
         pytest.skip(f"needs the {backend} tool to read the sets")
-    token = "netfilter-test-admin-token"
-    config = tmp_path / "tg.toml"
-    config.write_text(f"""
-[dns]
-listen = ["127.0.0.1:5353"]
-upstreams = ["127.0.0.1:5300"]
-[http]
-listen = "127.0.0.1:8053"
-tokens.it = {{ role = "admin", sha256 = "{hashlib.sha256(token.encode()).hexdigest()}" }}
-[netfilter]
-backend = "{backend}"
-[state]
-dir = "{tmp_path / 'state'}"
-""")
+    config = namespace_config(tmp_path, backend)
 
     async def cli(*args: str) -> dict[str, Any]:
-        proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", netns, sys.executable, "-m", "tiktokguard", "devices",
-            "--json", *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-            env=dict(os.environ, PYTHONPATH=str(ROOT), TIKTOKGUARD_TOKEN=token))
-        out, _ = await proc.communicate()
-        assert proc.returncode == 0
-        return dict(json.loads(out))
+        return await devices_in(netns, API, TOKEN, *args)
 
     async with process_in(netns, "-m", "tiktokguard", "serve", "--config", str(config),
                           "--log-format", "json", ready="netfilter_exemptions_updated"):
@@ -498,7 +446,7 @@ sets.add([("10.0.0.1", 900)], [], {"10.0.0.1"})  # a refresh: deleted and added 
 def test_nftables_writes_thousands_of_addresses(netns: str) -> None:
     # One netlink attribute holds at most 64 KiB: big writes go in batches.
     subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", WRITE_MANY], cwd=ROOT,
-                   env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)
+                   env=ENV, check=True)
     listing = json.loads(subprocess.run(
         ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "tiktokguard"],
         capture_output=True, text=True, check=True).stdout)

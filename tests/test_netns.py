@@ -8,22 +8,15 @@ It needs root and `ip netns` (CI runs as root); elsewhere it is skipped with the
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-import json
 import os
-import shutil
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import DEVICE_IP, Running
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.netns import SKIP, admin_token, devices_in, ip, process_in, python_in
 
 
 def soa_owner(reply: object) -> str:
@@ -83,26 +76,6 @@ async def test_unreadable_neighbour_table_is_counted_not_fatal(tg: Running) -> N
 # -- end to end in network namespaces -------------------------------------------------------------
 
 
-def _can_make_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "needs iproute2's ip"
-    name = f"tgprobe{os.getpid()}"
-    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"ip netns add is not allowed here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return None
-
-
-SKIP = _can_make_namespaces()
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
 def namespaces() -> Iterator[tuple[str, str]]:
     """srv (resolver host) and cli (client host): 10.231.0.1/24 ↔ 10.231.0.2/24 and
@@ -132,39 +105,6 @@ def namespaces() -> Iterator[tuple[str, str]]:
         subprocess.run(["ip", "netns", "del", cli], capture_output=True)
 
 
-@contextlib.asynccontextmanager
-async def in_namespace(ns: str, *args: str, ready: str) -> AsyncIterator[
-        asyncio.subprocess.Process]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", ns, sys.executable, *args, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(20):
-            while True:
-                line = (await proc.stdout.readline()).decode()
-                if not line:
-                    raise AssertionError(f"{args} ended: {(await proc.stderr.read()).decode()}")
-                if ready in line:
-                    break
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
-
-async def run_in(ns: str, *args: str, env: dict[str, str] | None = None) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", ns, sys.executable, *args, cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
-
-
 QUERY = """
 import sys, dns.message, dns.query
 q = dns.message.make_query("www.tiktok.com", "A")
@@ -187,24 +127,23 @@ allow_clients = ["10.231.0.0/16"]
 managed_networks = ["10.231.0.0/16"]
 [http]
 listen = "10.231.0.1:8053"
-tokens.it = {{ role = "admin", sha256 = "{hashlib.sha256(token.encode()).hexdigest()}" }}
+{admin_token(token)}
 [state]
 dir = "{tmp_path / 'state'}"
 """)
-    async with in_namespace(srv, "-m", "tests.fakes", "127.0.0.1", "5300", ready="ready"), \
-            in_namespace(srv, "-m", "tiktokguard", "serve", "--config", str(config),
-                         "--log-format", "json", ready='"started"'):
+    async with process_in(srv, "-m", "tests.fakes", "127.0.0.1", "5300", ready="ready"), \
+            process_in(srv, "-m", "tiktokguard", "serve", "--config", str(config),
+                       "--log-format", "json", ready='"started"'):
         # Before any device: both client interfaces are blocked.
-        assert (await run_in(cli, "-c", QUERY, "10.231.0.1", "10.231.0.2")).strip() \
+        assert (await python_in(cli, "-c", QUERY, "10.231.0.1", "10.231.0.2")).strip() \
             == "tiktok.com."
         # IT allowlists the phone by the MAC of the client's first interface.
-        out = await run_in(cli, "-m", "tiktokguard", "devices", "--api",
-                           "http://10.231.0.1:8053", "--json", "add", "--name", "phone",
-                           "--mac", "02:00:5e:aa:00:02", "--custodian", "c", "--supervisor", "s",
-                           "--ticket", "SR-9", env={"TIKTOKGUARD_TOKEN": token})
-        assert json.loads(out)["macs"] == ["02:00:5e:aa:00:02"]
+        phone = await devices_in(cli, "http://10.231.0.1:8053", token, "add", "--name", "phone",
+                                 "--mac", "02:00:5e:aa:00:02", "--custodian", "c",
+                                 "--supervisor", "s", "--ticket", "SR-9")
+        assert phone["macs"] == ["02:00:5e:aa:00:02"]
         # Its next query is resolved (the fake upstream's answer, not a block)...
-        assert (await run_in(cli, "-c", QUERY, "10.231.0.1", "10.231.0.2")).strip() == "test."
+        assert (await python_in(cli, "-c", QUERY, "10.231.0.1", "10.231.0.2")).strip() == "test."
         # ...while the other interface (another MAC) is still blocked.
-        assert (await run_in(cli, "-c", QUERY, "10.231.1.1", "10.231.1.2")).strip() \
+        assert (await python_in(cli, "-c", QUERY, "10.231.1.1", "10.231.1.2")).strip() \
             == "tiktok.com."
