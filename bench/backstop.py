@@ -12,7 +12,8 @@ answers go through and their addresses are learned:
 
 Every run asks names that no server has seen (every query forwarded, every answer a new address:
 the worst case for the set writer). Prints q/s, lost queries, server CPU per 100k queries, and how
-many addresses each kernel set holds at the end against the names answered.
+many addresses each kernel set holds at the end against the names answered with NOERROR (an
+answer that failed upstream, SERVFAIL, has no address to learn).
 
     sudo python3 bench/backstop.py                 # 2 rounds of 30 000 names per server
     sudo python3 bench/backstop.py --names 10000 --rounds 1
@@ -25,12 +26,10 @@ dnsperf dnsmasq-base). Bounded: each dnsperf run stops after --seconds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,10 +44,13 @@ from bench.run import (  # noqa: E402 - after the path set-up above
     LOCAL,
     Result,
     Server,
-    child_pids,
     free_port,
     need,
     run_dnsperf,
+    start_dnsmasq,
+    start_tiktokguard,
+    start_upstream,
+    stop_all,
     wait_for_dns,
     write_queries,
 )
@@ -85,42 +87,27 @@ def inside(args: argparse.Namespace) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     total = args.names * args.rounds * 4
     servers: list[Server] = []
-    user = "--user=root"
     with tempfile.TemporaryDirectory(prefix="tiktokguard-bench-") as tmp_name:
         tmp = Path(tmp_name)
         try:
             hosts = tmp / "zone.hosts"
             hosts.write_text("".join(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255} "
                                      f"n{i}.tiktokv.com\n" for i in range(total)))
-            up_port = free_port()
-            upstream = subprocess.Popen(
-                [dnsmasq, "--keep-in-foreground", "--no-resolv", "--no-hosts",
-                 f"--addn-hosts={hosts}", "--local-ttl=3600", f"--port={up_port}",
-                 "--local=/tiktokv.com/", f"--listen-address={LOCAL}", "--bind-interfaces",
-                 "--cache-size=0", user, "--pid-file=", "--log-facility=/dev/null"],
-                stderr=subprocess.DEVNULL)
-            servers.append(Server("upstream", up_port, upstream, [upstream.pid]))
-            wait_for_dns(up_port)
+            upstream = start_upstream(dnsmasq, hosts, "tiktokv.com")
+            servers.append(upstream)
 
             subprocess.run(["nft", "-f", "-"], input="table inet peer {\n"
                            "  set tiktok_v4 { type ipv4_addr; }\n}\n", text=True, check=True)
-            for name, extra in (("dnsmasq", []),
-                                ("dnsmasq-nft", ["--nftset=/tiktokv.com/4#inet#peer#tiktok_v4"])):
-                port = free_port()
-                proc = subprocess.Popen(
-                    [dnsmasq, "--keep-in-foreground", "--no-resolv", "--no-hosts",
-                     f"--server={LOCAL}#{up_port}", "--cache-size=10000", f"--port={port}",
-                     f"--listen-address={LOCAL}", "--bind-interfaces", "--dns-forward-max=1000",
-                     *extra, user, "--pid-file=", "--log-facility=/dev/null"],
-                    stderr=subprocess.DEVNULL)
-                servers.append(Server(name, port, proc, [proc.pid]))
+            servers.append(start_dnsmasq(dnsmasq, "dnsmasq", upstream))
+            servers.append(start_dnsmasq(dnsmasq, "dnsmasq-nft", upstream,
+                                         "--nftset=/tiktokv.com/4#inet#peer#tiktok_v4"))
             for name, backend in (("tg-off", "off"), ("tg-nftables", "nftables")):
                 port = free_port()
                 config = tmp / f"{name}.toml"
                 config.write_text(f"""
 [dns]
 listen = ["{LOCAL}:{port}"]
-upstreams = ["{LOCAL}:{up_port}"]
+upstreams = ["{LOCAL}:{upstream.port}"]
 cache_size = 200000
 [policy]
 managed_networks = ["192.0.2.0/24"]   # loopback clients are unmanaged: answers go through
@@ -132,11 +119,7 @@ min_timeout = 3600
 [state]
 dir = "{tmp / name}"
 """)
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "tiktokguard", "serve", "--config", str(config),
-                     "--log-format", "json"], cwd=tmp, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-                servers.append(Server(name, port, proc, [proc.pid]))
+                servers.append(start_tiktokguard(name, port, config))
             for server in servers[1:]:
                 wait_for_dns(server.port)  # (asks n0.bench.test: refused or NXDOMAIN, fine)
 
@@ -160,7 +143,7 @@ dir = "{tmp / name}"
             print("-" * len(head))
             for server in contenders:
                 results = table[server.name]
-                answered = sum(r.sent - r.lost for r in results)
+                answered = sum(r.noerror for r in results)  # with an address to learn
                 size = sizes.get(server.name)
                 print(f"{server.name:12} {statistics.median(r.qps for r in results):9.0f} "
                       f"{sum(r.lost for r in results):6d} "
@@ -174,16 +157,9 @@ dir = "{tmp / name}"
             print(f"\nq/s with the sets / without: tiktokguard {on / off:.2f}, "
                   f"dnsmasq {peer_on / peer_off:.2f}")
             print(f"{args.rounds} rounds of {args.names} fresh names per server, alternating; "
-                  "median q/s; lost and answered summed.")
+                  "median q/s; lost and answered (NOERROR) summed.")
         finally:
-            for server in servers:
-                for pid in [server.proc.pid, *child_pids(server.proc.pid)]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM)
-                try:
-                    server.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    server.proc.kill()
+            stop_all(servers)
 
 
 def main() -> None:

@@ -114,6 +114,7 @@ class Result:
     avg_ms: float
     p99_ms: float | None
     cpu_per_100k: float
+    noerror: int = 0  # answers with RCODE NOERROR
 
 
 def run_dnsperf(dnsperf: str, server: Server, datafile: Path, seconds: float, clients: int,
@@ -139,12 +140,60 @@ def run_dnsperf(dnsperf: str, server: Server, datafile: Path, seconds: float, cl
         samples = sorted(float(m) for m in re.findall(r"^> \S+ .* ([\d.]+)$", out, re.M))
         if samples:
             p99 = samples[int(len(samples) * 0.99) - 1] * 1000
-    return Result(qps, lost, sent, avg * 1000, p99, cpu / max(completed, 1) * 100_000)
+    noerror = re.search(r"NOERROR (\d+)", out)
+    return Result(qps, lost, sent, avg * 1000, p99, cpu / max(completed, 1) * 100_000,
+                  int(noerror.group(1)) if noerror else 0)
 
 
 def write_queries(path: Path, names: list[str]) -> Path:
     path.write_text("".join(f"{n} A\n" for n in names))
     return path
+
+
+def _dnsmasq_common() -> list[str]:
+    return ["--keep-in-foreground", "--no-resolv", "--no-hosts", f"--listen-address={LOCAL}",
+            "--bind-interfaces", "--user=root" if os.geteuid() == 0 else "--user=nobody",
+            "--pid-file=", "--log-facility=/dev/null"]
+
+
+def start_upstream(dnsmasq: str, hosts: Path, zone: str) -> Server:
+    """dnsmasq answering `zone` from a hosts file (TTL 3600), forwarding nowhere."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [dnsmasq, *_dnsmasq_common(), f"--addn-hosts={hosts}", "--local-ttl=3600",
+         f"--port={port}", f"--local=/{zone}/", "--cache-size=0"], stderr=subprocess.DEVNULL)
+    wait_for_dns(port)
+    return Server("upstream", port, proc, [proc.pid])
+
+
+def start_dnsmasq(dnsmasq: str, name: str, upstream: Server, *extra: str) -> Server:
+    """A dnsmasq peer forwarding to the upstream, with a 10 000-entry cache."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [dnsmasq, *_dnsmasq_common(), f"--server={LOCAL}#{upstream.port}",
+         "--cache-size=10000", f"--port={port}", "--dns-forward-max=1000", *extra],
+        stderr=subprocess.DEVNULL)
+    return Server(name, port, proc, [proc.pid])
+
+
+def start_tiktokguard(name: str, port: int, config: Path) -> Server:
+    """The real daemon (`python -m tiktokguard serve`) with this config, JSON logs discarded."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tiktokguard", "serve", "--config", str(config),
+         "--log-format", "json"], cwd=config.parent, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return Server(name, port, proc, [proc.pid])
+
+
+def stop_all(servers: list[Server]) -> None:
+    for server in servers:
+        for pid in [server.proc.pid, *child_pids(server.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
 
 
 def main() -> None:
@@ -172,29 +221,14 @@ def main() -> None:
             hosts = tmp / "zone.hosts"
             hosts.write_text("".join(f"198.18.{i // 250}.{i % 250 + 1} n{i}.bench.test\n"
                                      for i in range(ZONE_NAMES)))
-            up_port = free_port()
-            upstream = subprocess.Popen(
-                [dnsmasq, "--keep-in-foreground", "--no-resolv", "--no-hosts",
-                 f"--addn-hosts={hosts}", "--local-ttl=3600", f"--port={up_port}",
-                 "--local=/bench.test/",
-                 f"--listen-address={LOCAL}", "--bind-interfaces", "--cache-size=0",
-                 "--user=root" if os.geteuid() == 0 else "--user=nobody",
-                 "--pid-file=", "--log-facility=/dev/null"], stderr=subprocess.DEVNULL)
-            servers.append(Server("upstream", up_port, upstream, [upstream.pid]))
-            wait_for_dns(up_port)
+            upstream = start_upstream(dnsmasq, hosts, "bench.test")
+            servers.append(upstream)
 
             # -- the dnsmasq peer: forwards to the upstream, blocks the same list
             peer_conf = tmp / "peer.conf"
             peer_conf.write_text("".join(f"local=/{rule}/\n" for rule in rules))
-            peer_port = free_port()
-            peer = subprocess.Popen(
-                [dnsmasq, "--keep-in-foreground", "--no-resolv", "--no-hosts",
-                 f"--server={LOCAL}#{up_port}", f"--conf-file={peer_conf}",
-                 "--cache-size=10000", f"--port={peer_port}", f"--listen-address={LOCAL}",
-                 "--bind-interfaces", "--dns-forward-max=1000",
-                 "--user=root" if os.geteuid() == 0 else "--user=nobody",
-                 "--pid-file=", "--log-facility=/dev/null"], stderr=subprocess.DEVNULL)
-            servers.append(Server("dnsmasq", peer_port, peer, [peer.pid]))
+            peer = start_dnsmasq(dnsmasq, "dnsmasq", upstream, f"--conf-file={peer_conf}")
+            servers.append(peer)
 
             # -- tiktokguard: the real daemon, metrics, incidents and devices all on
             tg_port, http_port = free_port(), free_port()
@@ -202,7 +236,7 @@ def main() -> None:
             config.write_text(f"""
 [dns]
 listen = ["{LOCAL}:{tg_port}"]
-upstreams = ["{LOCAL}:{up_port}"]
+upstreams = ["{LOCAL}:{upstream.port}"]
 cache_size = 200000
 {f"workers = {args.workers}" if args.workers != 1 else ""}
 [http]
@@ -210,15 +244,12 @@ listen = "{LOCAL}:{http_port}"
 [state]
 dir = "{tmp / 'state'}"
 """)
-            tg = subprocess.Popen(
-                [sys.executable, "-m", "tiktokguard", "serve", "--config", str(config),
-                 "--log-format", "json"], cwd=tmp, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-            servers.append(Server("tiktokguard", tg_port, tg, [tg.pid]))
-            wait_for_dns(peer_port)
+            tg = start_tiktokguard("tiktokguard", tg_port, config)
+            servers.append(tg)
+            wait_for_dns(peer.port)
             wait_for_dns(tg_port)
             time.sleep(0.5)  # let worker processes (if any) bind too
-            servers[2].pids = [tg.pid, *child_pids(tg.pid)]
+            tg.pids = [tg.proc.pid, *child_pids(tg.proc.pid)]
 
             hot = [f"n{i}.bench.test" for i in range(HOT_NAMES)]
             prefixes = ["www", "v16", "api", "m", "p16"]
@@ -260,15 +291,7 @@ dir = "{tmp / 'state'}"
                         table.setdefault((workload, server.name), []).append(result)
             print_table(table, workloads, contenders)
         finally:
-            for server in servers:
-                with_children = [server.proc.pid, *child_pids(server.proc.pid)]
-                for pid in with_children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM)
-                try:
-                    server.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    server.proc.kill()
+            stop_all(servers)
 
 
 def child_pids(pid: int) -> list[int]:
