@@ -190,6 +190,13 @@ dir = "{tmp_path / 'state'}"
         assert await probe(device, *tiktok) == ["open", "open"]
         assert await probe(client, *tiktok) == ["refused", "refused"]
 
+        # Loading the file again (after an edit) keeps what the daemon wrote, and no rule twice.
+        await exec_in(router, "nft", "-f", "-", stdin=ruleset_for_test())
+        assert await probe(client, *tiktok) == ["refused", "refused"]
+        assert await probe(device, *tiktok) == ["open", "open"]
+        chain = await exec_in(router, "nft", "list", "chain", "inet", "tiktokguard", "forward")
+        assert chain.count("jump tiktok") == 2
+
         # The firewall is reloaded the Debian way (`flush ruleset`, then the files): the sets are
         # made anew, empty, and the managed client gets through...
         await exec_in(router, "nft", "flush", "ruleset")
