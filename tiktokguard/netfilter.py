@@ -475,7 +475,8 @@ class Backstop:
                 continue
             if matcher.match_text(str(rr.rname)) is None:
                 continue  # a CDN or other shared name behind a CNAME: never into the sets
-            found.append((str(rr.rdata), int(rr.ttl)))
+            # (dnslib may spell an IPv6 address otherwise; the fast path's text is RFC 5952)
+            found.append((str(ipaddress.ip_address(str(rr.rdata))), int(rr.ttl)))
         self._keep(found)
 
     def _keep(self, found: list[tuple[str, int]]) -> None:

@@ -420,8 +420,8 @@ def question_addresses(wire: bytes, index: RecordIndex) -> list[tuple[str, int]]
         if rtype == TYPE_A and rdlength == 4:
             out.append((socket.inet_ntop(socket.AF_INET, wire[rdata:rdata + 4]), ttl))
         elif rtype == TYPE_AAAA and rdlength == 16:
-            # (ipaddress, not inet_ntop: one spelling for every address, e.g. "::1:0" and
-            # never "::0.1.0.0", as dnslib's slow path writes it too)
+            # (ipaddress, not inet_ntop: RFC 5952 text, e.g. "::1:0" and never "::0.1.0.0",
+            # the one spelling the backstop keys its addresses by)
             out.append((str(ipaddress.IPv6Address(wire[rdata:rdata + 16])), ttl))
         pos = rdata + rdlength
     return out
