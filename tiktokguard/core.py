@@ -1,4 +1,4 @@
-"""The DNS side of one process: policy engine, cache, upstreams, resolver and listeners.
+"""The DNS side of one process: policy engine, cache, upstreams, query pipeline and listeners.
 
 The daemon's main process has one (plus the control plane: API, store, incidents, sd_notify);
 each extra worker process (`dns.workers` > 1) has one and nothing else. Both apply config and list
@@ -15,7 +15,7 @@ from pathlib import Path
 from tiktokguard.config import Config, PolicyConfig
 from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import AnswerCache
-from tiktokguard.dns.resolver import IncidentSink, MacSource, Resolver
+from tiktokguard.dns.pipeline import IncidentSink, MacSource, Pipeline
 from tiktokguard.dns.server import ServerState, start_listeners
 from tiktokguard.dns.upstream import UpstreamPool
 from tiktokguard.metrics import Metrics
@@ -81,14 +81,14 @@ class DnsCore:
         self.engine = build_engine(config, devices)  # raises ListError before binding
         self.cache = AnswerCache(config.dns.cache_size)
         self.pool = self._make_pool(config)
-        self.resolver = Resolver(self.engine, self.cache, self.pool, self._make_blocks(config),
+        self.pipeline = Pipeline(self.engine, self.cache, self.pool, self._make_blocks(config),
                                  metrics, incidents=incidents, macs=macs, clock=clock)
-        self.server = ServerState(self.resolver, config.dns.tcp_idle_timeout_ms / 1000,
+        self.server = ServerState(self.pipeline, config.dns.tcp_idle_timeout_ms / 1000,
                                   config.dns.max_tcp_connections)
         backend = make_backend(config.netfilter)
         self.backstop = (Backstop(config.netfilter, backend, metrics, lambda: self.engine.matcher,
                                   lambda: self.pool) if backend is not None else None)
-        self.resolver.backstop = self.backstop
+        self.pipeline.backstop = self.backstop
         self.listeners: list[asyncio.BaseTransport | asyncio.Server] = []
         self.list_error: str | None = None
         self.list_stamp = list_stamp(list_paths(config.policy))
@@ -141,11 +141,11 @@ class DnsCore:
         self.engine.classifier = ClientClassifier(new.dns.allow_clients, policy.managed_networks,
                                                   policy.edns_mac_trusted_relays, self.devices)
         self.engine.countermeasures = policy.bypass_countermeasures
-        self.resolver.blocks = self._make_blocks(new)
+        self.pipeline.blocks = self._make_blocks(new)
         if (new.dns.upstreams, new.dns.upstream_timeout_ms) != (old.dns.upstreams,
                                                                 old.dns.upstream_timeout_ms):
             self.pool.close()
-            self.pool = self.resolver.pool = self._make_pool(new)
+            self.pool = self.pipeline.pool = self._make_pool(new)
         self.cache.resize(new.dns.cache_size)
         self.server.tcp_idle_timeout = new.dns.tcp_idle_timeout_ms / 1000
         self.server.max_tcp = new.dns.max_tcp_connections

@@ -24,7 +24,7 @@ from tiktokguard.core import DnsCore, build_engine, list_paths, list_stamp
 from tiktokguard.devices.service import DeviceService
 from tiktokguard.devices.store import SqliteStore, Store
 from tiktokguard.dns.cache import AnswerCache
-from tiktokguard.dns.resolver import Resolver
+from tiktokguard.dns.pipeline import Pipeline
 from tiktokguard.dns.server import ServerState
 from tiktokguard.dns.upstream import UpstreamPool
 from tiktokguard.incidents import IncidentAggregator
@@ -81,7 +81,7 @@ class Daemon:
     engine: PolicyEngine = property(lambda self: self.core.engine)  # type: ignore[assignment]
     cache: AnswerCache = property(lambda self: self.core.cache)  # type: ignore[assignment]
     pool: UpstreamPool = property(lambda self: self.core.pool)  # type: ignore[assignment]
-    resolver: Resolver = property(lambda self: self.core.resolver)  # type: ignore[assignment]
+    pipeline: Pipeline = property(lambda self: self.core.pipeline)  # type: ignore[assignment]
     server: ServerState = property(lambda self: self.core.server)  # type: ignore[assignment]
     list_error = property(lambda self: self.core.list_error)
 

@@ -27,11 +27,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import dnslib
-
 from tiktokguard.config import NetfilterConfig
 from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
-from tiktokguard.dns.wire import RD, TYPE_A, TYPE_AAAA, RecordIndex, question_addresses
+from tiktokguard.dns.wire import (
+    RD,
+    TYPE_A,
+    TYPE_AAAA,
+    RecordIndex,
+    answer_addresses,
+    question_addresses,
+)
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
 from tiktokguard.policy.clients import Device
@@ -429,7 +434,7 @@ class Backstop:
     def answer(self, wire: bytes, index: RecordIndex) -> None:
         """An upstream answer for a listed name: keep its addresses."""
         if index.other_names:
-            self._learn(wire)  # CNAMEs, or owners other than the question: check each owner
+            self._learn(wire, index)  # CNAMEs, or owners other than the question
         else:
             self._keep(question_addresses(wire, index))  # all the listed question's own
 
@@ -463,21 +468,16 @@ class Backstop:
             self.metrics.stats.netfilter["shadow_resolved"] += 1
             self.answer(reply.wire, reply.index)  # (index_response has checked every record)
 
-    def _learn(self, wire: bytes) -> None:
+    def _learn(self, wire: bytes, index: RecordIndex) -> None:
+        """An answer with CNAMEs or other owners: only the addresses of listed owners count."""
         try:
-            message = dnslib.DNSRecord.parse(wire)
-        except Exception:  # dnslib raises several types on odd input; nothing to learn then
-            return
-        matcher = self.matcher()
-        found = []
-        for rr in message.rr:
-            if rr.rtype not in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA):
-                continue
-            if matcher.match_text(str(rr.rname)) is None:
-                continue  # a CDN or other shared name behind a CNAME: never into the sets
-            # (dnslib may spell an IPv6 address otherwise; the fast path's text is RFC 5952)
-            found.append((str(ipaddress.ip_address(str(rr.rdata))), int(rr.ttl)))
-        self._keep(found)
+            records = answer_addresses(wire, index)
+        except ValueError:
+            return  # (the pipeline answers such a reply SERVFAIL; nothing to learn)
+        match = self.matcher().match
+        # A CDN or other shared name behind a CNAME never goes into the sets.
+        self._keep([(address, ttl) for owner, address, ttl in records
+                    if match(owner) is not None])
 
     def _keep(self, found: list[tuple[str, int]]) -> None:
         """Addresses with their TTLs, for the next write (timeouts kept within bounds)."""

@@ -1,23 +1,29 @@
 """Answer cache: bounded LRU of upstream answers in wire form, no I/O, time passed in.
 
 Entries keep the response bytes (without the upstream's OPT) and the offsets of their TTL fields,
-so a hit is served by patching the ID, the question's case and the TTLs: no parse, no pack.
-Keyed on (lower-cased wire name, type, class, DO bit). Negative answers are cached for
-min(SOA TTL, SOA MINIMUM) as RFC 2308 §5 says; failures only briefly (RFC 9520 §3.2).
+so a hit is served by patching the ID, the flags, the question's case and the TTLs: no parse, no
+pack. Keyed on (lower-cased wire name, type, class, DO bit, CD bit): an answer fetched with
+checking disabled may be bogus, and RFC 4035 §3.2.2 forbids giving it to a client that asked
+for validated data. Negative answers are cached for min(SOA TTL, SOA MINIMUM) as RFC 2308 §5
+says; failures only briefly (RFC 9520 §3.2).
 """
 
 from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tiktokguard.dns.wire import (
+    AD,
+    CD,
     NOERROR,
     NXDOMAIN,
+    RD,
     SERVFAIL,
     Query,
     RecordIndex,
+    additional_that_fits,
     opt_record,
     truncate_for_udp,
 )
@@ -26,29 +32,40 @@ MAX_TTL = 86_400  # never keep an answer longer than a day, whatever the upstrea
 NEGATIVE_TTL_WITHOUT_SOA = 30  # a negative answer without SOA: RFC 2308 §5 says "SHOULD NOT" cache
 SERVFAIL_TTL = 5  # RFC 9520: cache resolution failures at least 1 s, and not for long
 
-CacheKey = tuple[bytes, int, int, bool]
+CacheKey = tuple[bytes, int, int, bool, bool]
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
+_ECHOED = RD | CD | AD  # the flags an answer takes from the query, not from the upstream
 
 
-_OPT = {do: opt_record(do) for do in (False, True)}
+def cache_key(query: Query) -> CacheKey:
+    return (query.qname, query.qtype, query.qclass, query.do, bool(query.flags & CD))
 
 
 @dataclass(slots=True)
 class CacheEntry:
-    wire: bytes  # response without OPT; ID and question case are patched per client
+    wire: bytes  # response without OPT; ID, flags and question case are patched per client
     ttl_offsets: tuple[int, ...]
     stored_at: float
     expires_at: float
     question_end: int
     chain_rule: str | None = None  # CNAME inspection: a blocked name this answer leads to
+    additional_at: int = 0  # offset of the additional section in wire (0: the end)
+    ede: bytes = b""  # the upstream's Extended DNS Error options, passed on to every client
     _age: int = -1
     _body: bytes = b""  # the records after the question, TTLs counted down by _age seconds
-    _head_opt: bytes = b""  # flags and counts with ARCOUNT + 1, for an answer that gets OPT
+    # Header bytes 2..12 (flags and counts) and the OPT, by the query's RD/CD/AD, DO and EDNS.
+    _heads: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+
+    @property
+    def rcode(self) -> int:
+        return self.wire[3] & 0xF
 
     def answer(self, query: Query, now: float, udp: bool) -> bytes:
-        """This answer for one client: its ID, its question bytes (its case), TTLs counted
-        down, our OPT when it asked with EDNS, truncated to its UDP size."""
+        """This answer for one client: its ID, its question bytes (its case), flags from its
+        query (RFC 6840 §5.7-5.8: RD and CD echoed; AD only if the upstream set it and the
+        client asked with DO or AD), TTLs counted down, our OPT when it asked with EDNS,
+        fitted to its UDP size."""
         age = int(now - self.stored_at)
         if age != self._age:  # at most once a second per entry: no parse, one pass of patches
             body = bytearray(self.wire[self.question_end:])
@@ -59,17 +76,37 @@ class CacheEntry:
                     _U32.pack_into(body, at, ttl - age if ttl > age else 0)
             self._body = bytes(body)
             self._age = age
-        if query.edns:
-            if not self._head_opt:
-                arcount = _U16.unpack_from(self.wire, 10)[0]
-                self._head_opt = self.wire[2:10] + _U16.pack(arcount + 1)
-            out = (_U16.pack(query.id) + self._head_opt + query.question + self._body
-                   + _OPT[query.do])
-        else:
-            out = _U16.pack(query.id) + self.wire[2:12] + query.question + self._body
+        shape = (query.flags & _ECHOED) | (query.do << 1) | query.edns
+        head = self._heads.get(shape)
+        if head is None:
+            head = self._heads[shape] = self._head(query)
+        out = _U16.pack(query.id) + head[0] + query.question + self._body + head[1]
         if udp and len(out) > query.max_udp_response():
-            return truncate_for_udp(query, out)
+            return self._fit(query, out, head)
         return out
+
+    def _head(self, query: Query) -> tuple[bytes, bytes]:
+        flags = _U16.unpack_from(self.wire, 2)[0]
+        ad = flags & AD if query.do or query.flags & AD else 0
+        flags = (flags & ~_ECHOED) | (query.flags & (RD | CD)) | ad
+        arcount = _U16.unpack_from(self.wire, 10)[0]
+        opt = opt_record(query.do, options=self.ede) if query.edns else b""
+        return (_U16.pack(flags) + self.wire[4:10] + _U16.pack(arcount + (1 if opt else 0)),
+                opt)
+
+    def _fit(self, query: Query, out: bytes, head: tuple[bytes, bytes]) -> bytes:
+        """RFC 2181 §9: an answer too large for UDP loses additional records first, whole
+        RRsets from the end (the client can do without them, so no TC); only when the answer
+        and authority sections alone do not fit is it truncated (TC, retry over TCP)."""
+        limit = query.max_udp_response()
+        opt = head[1]
+        if self.additional_at:
+            start = 12 + len(query.question) + self.additional_at - self.question_end
+            if start + len(opt) <= limit:
+                count = _U16.unpack_from(self.wire, 10)[0]
+                end, kept = additional_that_fits(out, start, count, limit - len(opt))
+                return (out[:10] + _U16.pack(kept + (1 if opt else 0)) + out[12:end] + opt)
+        return truncate_for_udp(query, out)
 
 
 def cache_ttl(index: RecordIndex) -> int:

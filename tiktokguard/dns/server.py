@@ -1,4 +1,4 @@
-"""asyncio DNS listeners (UDP and TCP). They only move bytes: policy lives in the resolver.
+"""asyncio DNS listeners (UDP and TCP). They only move bytes: policy lives in the pipeline.
 
 TCP follows RFC 7766: 2-byte length framing, several queries per connection answered as they
 complete (pipelining, possibly out of order), an idle timeout, and a cap on open connections.
@@ -14,7 +14,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from tiktokguard.config import HostPort
-from tiktokguard.dns.resolver import Resolver
+from tiktokguard.dns.pipeline import Pipeline
+from tiktokguard.policy.clients import client_address
 
 MAX_PIPELINE = 64  # queries in flight on one TCP connection before we stop reading from it
 # A burst of queries (a lecture ends, a thousand phones wake up) must wait in the socket, not be
@@ -24,10 +25,10 @@ UDP_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 class ServerState:
-    """What the listeners share: the resolver and the tasks of queries in flight."""
+    """What the listeners share: the pipeline and the tasks of queries in flight."""
 
-    def __init__(self, resolver: Resolver, tcp_idle_timeout: float, max_tcp: int) -> None:
-        self.resolver = resolver
+    def __init__(self, pipeline: Pipeline, tcp_idle_timeout: float, max_tcp: int) -> None:
+        self.pipeline = pipeline
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_tcp = max_tcp
         self.tcp_connections: set[TcpProtocol] = set()
@@ -60,16 +61,20 @@ class ServerState:
 class UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.handle = state.resolver.handle
+        self.handle = state.pipeline.handle
         self.transport: asyncio.DatagramTransport | None = None
+        self.v6 = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self.v6 = sock is not None and sock.family == socket.AF_INET6
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.state.stopping:
             return
-        result = self.handle(data, addr[0], "udp")
+        # (only an IPv6 source can carry a scope id: IPv4 needs no normalising)
+        result = self.handle(data, client_address(addr[0]) if self.v6 else addr[0], "udp")
         if result is None:
             return
         if isinstance(result, bytes):
@@ -105,7 +110,7 @@ class TcpProtocol(asyncio.Protocol):
             return
         self.state.tcp_connections.add(self)
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else ""
+        self.client_ip = client_address(peer[0]) if peer else ""
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -142,7 +147,7 @@ class TcpProtocol(asyncio.Protocol):
             self.paused = True
 
     def _query(self, message: bytes) -> None:
-        result = self.state.resolver.handle(message, self.client_ip, "tcp")
+        result = self.state.pipeline.handle(message, self.client_ip, "tcp")
         if result is None:
             if len(message) < 12 and self.transport is not None:
                 # RFC 7766 §8: a malformed frame leaves the stream in doubt; close it.

@@ -184,6 +184,7 @@ class UpstreamPool:
     async def _resolve(self, qname: bytes, qtype: int, qclass: int, flags: int, do: bool
                        ) -> UpstreamReply:
         last: Exception | None = None
+        servfail: UpstreamReply | None = None
         for upstream in self.ordered(self._clock()):
             started = self._clock()
             try:
@@ -194,25 +195,38 @@ class UpstreamPool:
                 continue
             now = self._clock()
             self._observe(upstream.name, now - started)
-            if reply.index.rcode in (SERVFAIL, REFUSED):
-                # This upstream could not answer; another may (failover on SERVFAIL, DESIGN §3).
-                self._failed(upstream, "servfail" if reply.index.rcode == SERVFAIL else "refused")
-                last = UpstreamError("servfail")
-                continue
+            # It answered, so it is alive, whatever it answered: a SERVFAIL or REFUSED for one
+            # name (a lame delegation, a bogus signature, RD=0) is not held against its health,
+            # or any client could make us set a healthy upstream aside.
             upstream.failures = 0
             upstream.down_until = 0.0
             upstream.last_success = now
+            rcode = reply.index.rcode
+            if rcode == SERVFAIL and reply.index.dnssec_failure:
+                return reply  # validation failed: another validating upstream would agree
+            if rcode in (SERVFAIL, REFUSED):
+                # This upstream could not answer; another may (failover on SERVFAIL, DESIGN §3).
+                kind = "servfail" if rcode == SERVFAIL else "refused"
+                self._count_error(upstream.name, kind)
+                last = UpstreamError(kind)
+                if rcode == SERVFAIL:
+                    servfail = reply
+                continue
             return reply
+        if servfail is not None:
+            return servfail  # the upstream's own SERVFAIL, with its EDE, is the truest answer
         raise AllUpstreamsFailed(str(last) if last else "no upstreams configured")
 
     def _failed(self, upstream: Upstream, kind: str) -> None:
+        """A timeout or network error: the upstream may be down."""
         self._count_error(upstream.name, kind)
         upstream.last_failure = self._clock()
         upstream.failures += 1
         if upstream.failures >= FAILURES_BEFORE_DOWN:
             first, longest = DOWN_SECONDS
-            backoff = min(longest, first * 2 ** (upstream.failures - FAILURES_BEFORE_DOWN))
-            upstream.down_until = self._clock() + backoff
+            # (the exponent capped: 2 ** a thousand failures overflows a float)
+            doublings = min(upstream.failures - FAILURES_BEFORE_DOWN, 16)
+            upstream.down_until = self._clock() + min(longest, first * 2 ** doublings)
 
     async def _exchange(self, upstream: Upstream, qname: bytes, qtype: int, qclass: int,
                         flags: int, do: bool) -> UpstreamReply:

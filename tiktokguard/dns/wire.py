@@ -26,12 +26,18 @@ NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16  # RFC 6891 §6.1.3: extended RCODE, upper 8 bits travel in the OPT TTL
 
 TYPE_A, TYPE_CNAME, TYPE_SOA, TYPE_AAAA, TYPE_DNAME, TYPE_OPT = 1, 5, 6, 28, 39, 41
+TYPE_RRSIG = 46
+TYPE_IXFR, TYPE_AXFR = 251, 252
 CLASS_IN = 1
 
 EDNS_OPTION_MAC = 65001  # dnsmasq --add-mac: the client's MAC, added by an access router
 EDNS_OPTION_EDE = 15  # RFC 8914 Extended DNS Error
 EDE_BLOCKED = 15
 EDE_FILTERED = 17
+EDE_NETWORK_ERROR = 23  # RFC 8914 §4.24: no upstream could be reached
+# RFC 8914 §5.2: the EDE codes that report a DNSSEC validation failure (not "Stale Answer" 3,
+# "Forged Answer" 4, or any of the operational ones from 13 on).
+EDE_DNSSEC = frozenset({1, 2, 5, 6, 7, 8, 9, 10, 11, 12})
 
 # Our advertised UDP payload size: the DNS Flag Day 2020 value, which avoids IP fragmentation.
 OUR_UDP_SIZE = 1232
@@ -109,7 +115,9 @@ def parse_query(data: bytes) -> Query:
     """Read header, question and OPT of a query.
 
     Raises DropPacket for what must not be answered and QueryError for what is answered with an
-    error code. The question name must be uncompressed (a pointer there has nothing to point at).
+    error code; the error carries as much of the query as could be read (RFC 6891 §7: an error
+    answer to an EDNS query has an OPT too, and it echoes the question when there is one). The
+    question name must be uncompressed (a pointer there has nothing to point at).
     """
     end = len(data)
     if end < 12:
@@ -118,9 +126,9 @@ def parse_query(data: bytes) -> Query:
     if flags & 0xF800:  # QR or an opcode
         if flags & QR:
             raise DropPacket("a response, not a query")
-        raise QueryError(NOTIMP, "opcode other than QUERY", qid=qid, flags=flags)
+        raise QueryError(NOTIMP, "opcode other than QUERY", _salvage(data), qid, flags)
     if qdcount != 1:
-        raise QueryError(FORMERR, f"QDCOUNT is {qdcount}", qid=qid, flags=flags)
+        raise QueryError(FORMERR, f"QDCOUNT is {qdcount}", _salvage(data), qid, flags)
     # Walk the labels to the root label. A length over 63 is a compression pointer or a
     # reserved label type: neither belongs in a question name.
     pos = 12
@@ -143,6 +151,30 @@ def parse_query(data: bytes) -> Query:
                   (data[pos + 1] << 8) | data[pos + 2], (data[pos + 3] << 8) | data[pos + 4])
     if arcount:
         _read_opt(data, question_end, ancount + nscount, arcount, query)
+    return query
+
+
+def _salvage(data: bytes) -> Query | None:
+    """The question and EDNS of a query that is answered with an error anyway (an opcode we do
+    not serve, a QDCOUNT other than 1), read as far as they can be; None when even that fails.
+    A query with no question gets an empty `question`."""
+    qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+    try:
+        pos = 12
+        for _ in range(qdcount):
+            pos = _read_name_end(data, pos) + 4
+        if pos > len(data):
+            return None
+        if qdcount == 1:
+            end = pos - 4
+            query = Query(qid, flags, data[12:end].lower(), data[12:pos],
+                          (data[end] << 8) | data[end + 1], (data[end + 2] << 8) | data[end + 3])
+        else:
+            query = Query(qid, flags, b"", b"", 0, 0)
+        if arcount:
+            _read_opt(data, pos, ancount + nscount, arcount, query)
+    except (IndexError, ValueError, QueryError):
+        return None
     return query
 
 
@@ -256,13 +288,15 @@ def _flags_for_answer(query_flags: int, rcode: int) -> int:
     return QR | RA | (query_flags & (OPCODE_MASK | RD | CD)) | (rcode & 0xF)
 
 
-def opt_record(do: bool = False, ext_rcode: int = 0, ede: tuple[int, str] | None = None) -> bytes:
-    """Our OPT pseudo-record (RFC 6891), optionally carrying an Extended DNS Error (RFC 8914)."""
-    rdata = b""
+def opt_record(do: bool = False, ext_rcode: int = 0, ede: tuple[int, str] | None = None,
+               options: bytes = b"") -> bytes:
+    """Our OPT pseudo-record (RFC 6891), optionally carrying an Extended DNS Error (RFC 8914)
+    of our own, or `options` already in wire form (an upstream's EDE, passed on)."""
+    rdata = options
     if ede is not None:
         info_code, text = ede
         payload = _U16.pack(info_code) + text.encode("utf-8")
-        rdata = _U16.pack(EDNS_OPTION_EDE) + _U16.pack(len(payload)) + payload
+        rdata += _U16.pack(EDNS_OPTION_EDE) + _U16.pack(len(payload)) + payload
     ttl = ((ext_rcode >> 4) << 24) | (0x8000 if do else 0)
     return b"\x00" + _RR_FIXED.pack(TYPE_OPT, OUR_UDP_SIZE, ttl, len(rdata)) + rdata
 
@@ -283,8 +317,8 @@ def response(query: Query, rcode: int, answers: bytes = b"", ancount: int = 0,
     opt = b""
     if query.edns:
         opt = opt_record(query.do, rcode, ede)
-    header = _HEADER.pack(query.id, _flags_for_answer(query.flags, rcode), 1, ancount,
-                          nscount, 1 if opt else 0)
+    header = _HEADER.pack(query.id, _flags_for_answer(query.flags, rcode),
+                          1 if query.question else 0, ancount, nscount, 1 if opt else 0)
     return header + query.question + answers + authority + opt
 
 
@@ -337,6 +371,32 @@ def truncate_for_udp(query: Query, wire: bytes) -> bytes:
     return (_HEADER.pack(qid, flags | TC, 1, 0, 0, 1 if opt else 0) + query.question + opt)
 
 
+def additional_that_fits(wire: bytes, pos: int, count: int, limit: int) -> tuple[int, int]:
+    """RFC 2181 §9 for the additional section: the end offset and number of its first `count`
+    records (starting at pos) that fit within limit bytes, whole RRsets only (a run of records
+    with the same owner, type and, for RRSIG, type covered), in order, stopping at the first
+    RRset that does not fit (as unbound packs it)."""
+    kept_end, kept = pos, 0
+    group: tuple[bytes, int, bytes] | None = None
+    group_size = 0
+    for _ in range(count):
+        owner, at = read_name(wire, pos)
+        rtype, _rclass, _ttl, rdlength = _RR_FIXED.unpack_from(wire, at)
+        covered = wire[at + 10:at + 12] if rtype == TYPE_RRSIG else b""
+        key = (owner, rtype, covered)
+        if key != group:
+            if group is not None:
+                if pos > limit:
+                    return kept_end, kept
+                kept_end, kept = pos, kept + group_size
+            group, group_size = key, 0
+        group_size += 1
+        pos = at + 10 + rdlength
+    if group is not None and pos <= limit:
+        kept_end, kept = pos, kept + group_size
+    return kept_end, kept
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading upstream responses (miss path only)
 
@@ -358,6 +418,9 @@ class RecordIndex:
     # Does the answer section name anything besides the question name (a CNAME/DNAME, or an
     # owner that is not a pointer to the question)? If not, CNAME inspection has nothing to see.
     other_names: bool = True
+    additional_at: int = 0  # offset of the first additional record (the end, when none)
+    ede: bytes = b""  # the upstream OPT's Extended DNS Error options, in wire form
+    dnssec_failure: bool = False  # one of those EDEs reports a DNSSEC validation failure
 
 
 def index_response(wire: bytes) -> RecordIndex:
@@ -373,8 +436,13 @@ def index_response(wire: bytes) -> RecordIndex:
         opt_span = None
         min_ttl: int | None = None
         negative_ttl: int | None = None
-        for index in range(ancount + nscount + arcount):
+        additional_at = 0
+        ede = b""
+        before_additional = ancount + nscount
+        for index in range(before_additional + arcount):
             start = pos
+            if index == before_additional:
+                additional_at = start
             pos = _read_name_end(wire, pos)
             rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(wire, pos)
             rdata = pos + 10
@@ -388,11 +456,12 @@ def index_response(wire: bytes) -> RecordIndex:
                 if opt_span is not None:
                     raise ValueError("two OPT records")
                 opt_span = (start, end)
+                ede = _ede_options(wire, rdata, end)
             else:
                 ttl_offsets.append(pos + 4)
-                if index < ancount + nscount:
+                if index < before_additional:
                     min_ttl = ttl if min_ttl is None else min(min_ttl, ttl)
-                if rtype == TYPE_SOA and ancount <= index < ancount + nscount:
+                if rtype == TYPE_SOA and ancount <= index < before_additional:
                     p = _read_name_end(wire, rdata)
                     p = _read_name_end(wire, p)
                     minimum = _U32.unpack_from(wire, p + 16)[0]
@@ -400,35 +469,139 @@ def index_response(wire: bytes) -> RecordIndex:
             pos = end
         if pos != len(wire):
             raise ValueError("trailing bytes after the last record")
+        if not arcount:
+            additional_at = pos
     except (IndexError, struct.error) as exc:
         raise ValueError(f"malformed response: {exc}") from None
+    dnssec_failure = False
+    at = 0
+    while at + 6 <= len(ede):
+        if _U16.unpack_from(ede, at + 4)[0] in EDE_DNSSEC:
+            dnssec_failure = True
+        at += 4 + _U16.unpack_from(ede, at + 2)[0]
     return RecordIndex(flags & 0xF, flags, ancount, nscount, arcount, question_end,
-                       tuple(ttl_offsets), opt_span, min_ttl, negative_ttl, other_names)
+                       tuple(ttl_offsets), opt_span, min_ttl, negative_ttl, other_names,
+                       additional_at, ede, dnssec_failure)
+
+
+def _ede_options(wire: bytes, pos: int, end: int) -> bytes:
+    """The EDE options (RFC 8914) among an OPT record's options, as they are on the wire.
+    Every other option is the upstream's business with us, not the client's."""
+    out = b""
+    while pos + 4 <= end:
+        code, length = _U16.unpack_from(wire, pos)[0], _U16.unpack_from(wire, pos + 2)[0]
+        if pos + 4 + length > end:
+            raise ValueError("EDNS option runs past the end")
+        if code == EDNS_OPTION_EDE and length >= 2:
+            out += wire[pos:pos + 4 + length]
+        pos += 4 + length
+    return out
+
+
+MAX_POINTERS = 64  # more compression pointers than a 255-octet name can need: a loop
+
+
+def read_name(wire: bytes, pos: int) -> tuple[bytes, int]:
+    """The (possibly compressed) name at pos as a lower-cased, uncompressed wire name, and the
+    offset just past it. Raises ValueError for a pointer loop, a forward pointer, a reserved
+    label type or a name over 255 octets (RFC 1035 §3.1, §4.1.4)."""
+    out = bytearray()
+    end_of_name = -1
+    jumps = 0
+    size = len(wire)
+    while True:
+        if pos >= size:
+            raise ValueError("name runs past the end")
+        length = wire[pos]
+        if length == 0:
+            out.append(0)
+            if len(out) > 255:
+                raise ValueError("name longer than 255 octets")
+            return bytes(out).lower(), (pos + 1 if end_of_name < 0 else end_of_name)
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > size:
+                raise ValueError("pointer runs past the end")
+            target = ((length & 0x3F) << 8) | wire[pos + 1]
+            if target >= pos or jumps >= MAX_POINTERS:
+                raise ValueError("compression pointer loop")
+            if end_of_name < 0:
+                end_of_name = pos + 2
+            jumps += 1
+            pos = target
+            continue
+        if length & 0xC0:
+            raise ValueError("reserved label type")
+        if pos + 1 + length > size:
+            raise ValueError("label runs past the end")
+        out += wire[pos:pos + 1 + length]
+        if len(out) > 255:
+            raise ValueError("name longer than 255 octets")
+        pos += 1 + length
+
+
+def chain_names(wire: bytes, index: RecordIndex) -> list[bytes]:
+    """Every name the answer section leads to (lower-cased wire form): the owner of each
+    record and the target of each CNAME and DNAME. What CNAME inspection (DESIGN §2) checks
+    against the lists. Raises ValueError for a name that cannot be read."""
+    names: list[bytes] = []
+    pos = index.question_end
+    for _ in range(index.ancount):
+        owner, pos = read_name(wire, pos)
+        rtype, _rclass, _ttl, rdlength = _RR_FIXED.unpack_from(wire, pos)
+        rdata = pos + 10
+        if owner not in names:
+            names.append(owner)
+        if rtype in (TYPE_CNAME, TYPE_DNAME):
+            target, _end = read_name(wire, rdata)
+            if target not in names:
+                names.append(target)
+        pos = rdata + rdlength
+    return names
+
+
+def _address_text(rtype: int, rdata: bytes) -> str:
+    if rtype == TYPE_A:
+        return socket.inet_ntop(socket.AF_INET, rdata)
+    # (ipaddress, not inet_ntop: RFC 5952 text, e.g. "::1:0" and never "::0.1.0.0",
+    # the one spelling the backstop keys its addresses by)
+    return str(ipaddress.IPv6Address(rdata))
+
+
+def answer_addresses(wire: bytes, index: RecordIndex) -> list[tuple[bytes, str, int]]:
+    """(owner, address, TTL) of the A/AAAA records in the answer section, owner in
+    lower-cased wire form. Raises ValueError for a name that cannot be read."""
+    out: list[tuple[bytes, str, int]] = []
+    pos = index.question_end
+    for _ in range(index.ancount):
+        owner, pos = read_name(wire, pos)
+        rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(wire, pos)
+        rdata = pos + 10
+        if (rtype == TYPE_A and rdlength == 4) or (rtype == TYPE_AAAA and rdlength == 16):
+            out.append((owner, _address_text(rtype, wire[rdata:rdata + rdlength]), ttl))
+        pos = rdata + rdlength
+    return out
 
 
 def question_addresses(wire: bytes, index: RecordIndex) -> list[tuple[str, int]]:
     """(address, TTL) of the A/AAAA records in the answer section of a response that
     index_response accepted and found naming nothing but the question (`other_names` False),
     so every answer record belongs to the question name. The network backstop's fast path: no
-    name decoding, no full parse."""
+    name decoding."""
     out: list[tuple[str, int]] = []
     pos = index.question_end
     for _ in range(index.ancount):
         pos = _read_name_end(wire, pos)
         rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(wire, pos)
         rdata = pos + 10
-        if rtype == TYPE_A and rdlength == 4:
-            out.append((socket.inet_ntop(socket.AF_INET, wire[rdata:rdata + 4]), ttl))
-        elif rtype == TYPE_AAAA and rdlength == 16:
-            # (ipaddress, not inet_ntop: RFC 5952 text, e.g. "::1:0" and never "::0.1.0.0",
-            # the one spelling the backstop keys its addresses by)
-            out.append((str(ipaddress.IPv6Address(wire[rdata:rdata + 16])), ttl))
+        if (rtype == TYPE_A and rdlength == 4) or (rtype == TYPE_AAAA and rdlength == 16):
+            out.append((_address_text(rtype, wire[rdata:rdata + rdlength]), ttl))
         pos = rdata + rdlength
     return out
 
 
 def strip_opt(wire: bytes, index: RecordIndex) -> tuple[bytes, RecordIndex]:
-    """The response without its OPT record (the upstream's EDNS is not the client's)."""
+    """The response without its OPT record (the upstream's EDNS is not the client's; its EDE
+    options stay in the index, to be passed on in our own OPT)."""
     if index.opt_span is None:
         return wire, index
     start, end = index.opt_span
@@ -436,15 +609,20 @@ def strip_opt(wire: bytes, index: RecordIndex) -> tuple[bytes, RecordIndex]:
     out = bytearray(wire[:start] + wire[end:])
     _U16.pack_into(out, 10, index.arcount - 1)
     offsets = tuple(o - cut if o > start else o for o in index.ttl_offsets)
+    additional_at = index.additional_at - cut if index.additional_at > start else \
+        index.additional_at
     stripped = RecordIndex(index.rcode, index.flags, index.ancount, index.nscount,
                            index.arcount - 1, index.question_end, offsets, None,
-                           index.min_ttl, index.negative_ttl, index.other_names)
+                           index.min_ttl, index.negative_ttl, index.other_names,
+                           additional_at, index.ede, index.dnssec_failure)
     return bytes(out), stripped
 
 
 def build_query(qid: int, flags: int, qname: bytes, qtype: int, qclass: int, do: bool) -> bytes:
-    """An upstream query of our own: fresh ID, the client's RD/CD/AD, our OPT and nothing else
-    of the client's EDNS (so the MAC option 65001, personal data, never leaves us)."""
-    flags &= RD | CD | AD
+    """An upstream query of our own: fresh ID, the client's RD and CD, our OPT and nothing else
+    of the client's EDNS (so the MAC option 65001, personal data, never leaves us). AD is always
+    set (RFC 6840 §5.7): the validating upstream then says whether the data is authentic,
+    and the cache can give AD to the clients that ask for it (DO or AD) and to no others."""
+    flags = (flags & (RD | CD)) | AD
     return (_HEADER.pack(qid, flags, 1, 0, 0, 1) + qname + struct.pack("!HH", qtype, qclass)
             + opt_record(do))

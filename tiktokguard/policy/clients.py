@@ -49,6 +49,17 @@ class NetworkSet:
         return bool(self.networks)
 
 
+def client_address(ip: str) -> str:
+    """The one spelling of a client's address that every consumer (classifier, device index,
+    incidents, rate limits) keys by: without an IPv6 scope id (`fe80::20%eth0` is the device
+    registered as `fe80::20`) and an IPv4-mapped IPv6 address as IPv4."""
+    if "%" in ip:
+        ip = ip.split("%", 1)[0]
+    if ip[:7].lower() == "::ffff:" and "." in ip:
+        ip = ip[7:]
+    return ip
+
+
 def normalise_mac(text: str) -> str:
     """aa:bb:cc:dd:ee:ff from the common notations (colons, dashes, dots, bare hex, any case)."""
     digits = "".join(ch for ch in text.strip().lower() if ch not in ":-.")
@@ -180,12 +191,10 @@ class ClientClassifier:
         memo = self._memo.get(ip)
         if memo is None:
             try:
-                address = ipaddress.ip_address(ip.split("%", 1)[0])
+                address = ipaddress.ip_address(client_address(ip))
             except ValueError:
                 memo = (False, False, False)
             else:
-                if address.version == 6 and address.ipv4_mapped is not None:
-                    address = address.ipv4_mapped
                 memo = (address in self.allow, address in self.managed, address in self.relays)
             if len(self._memo) > 65536:
                 self._memo.clear()

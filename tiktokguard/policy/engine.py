@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tiktokguard.dns.wire import NOERROR, NXDOMAIN, text_to_wire
-from tiktokguard.policy.clients import ClientClass, ClientClassifier, Device
+from tiktokguard.policy.clients import ClientClass, ClientClassifier, Device, client_address
 from tiktokguard.policy.domains import DomainMatcher
 
 
@@ -121,12 +121,29 @@ class PolicyEngine:
     def decide_text(self, client_ip: str, name: str, now: float, mac: str | None = None
                     ) -> Decision:
         """decide() for a name in presentation form (CLI `check`, API `decision`)."""
-        return self.decide(client_ip, mac, text_to_wire(name), now)
+        return self.decide(client_address(client_ip), mac, text_to_wire(name), now)
 
-    def chain_rule(self, names: list[str]) -> str | None:
-        """CNAME inspection (DESIGN §2): the rule that blocks any name an answer leads to."""
+    def chain_rule(self, names: list[bytes]) -> str | None:
+        """CNAME inspection (DESIGN §2): the rule that blocks any of the names an upstream
+        answer leads to (owners, CNAME and DNAME targets; lower-cased wire form)."""
+        match = self.matcher.match
         for name in names:
-            rule = self.matcher.match_text(name)
+            rule = match(name)
             if rule is not None:
                 return rule
         return None
+
+    def after_chain(self, decision: Decision, rule: str | None) -> Decision:
+        """The decision once the answer is known to lead to a name that `rule` covers: what
+        it would have been had the client asked for that name. A managed client is blocked;
+        an allowlisted device or an unmanaged client is counted as asking for a listed name."""
+        if rule is None or decision.verdict == Verdict.BLOCKED:
+            return decision
+        client_class = decision.client_class
+        if client_class is ClientClass.MANAGED:
+            return self._block(rule)
+        if client_class is ClientClass.ALLOWLISTED:
+            return Decision(Verdict.ALLOWLISTED, client_class, rule, decision.device)
+        if client_class is ClientClass.UNMANAGED:
+            return Decision(Verdict.UNMANAGED, client_class, rule)
+        return decision

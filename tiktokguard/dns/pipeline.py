@@ -1,0 +1,312 @@
+"""The query path: bytes in, bytes out, through stages in one order, leaving by one exit.
+
+    read → serve at all? → classify client and decide → cache → forward → finish
+
+- **read**: the question and EDNS straight from the wire (dns/wire.py); what cannot be read is
+  answered FORMERR/NOTIMP/BADVERS (or dropped, when it is not a query at all) and counted.
+- **serve at all?**: what a forwarder does not pass on, whoever asks (DESIGN §5): RD=0 (no
+  cache snooping), zone transfers, classes other than IN (CH `version.bind` would reveal the
+  upstream's version). REFUSED.
+- **decide**: the client is classified before the list is consulted (the same name is blocked
+  for one client and resolved for another); PolicyEngine.decide. CNAME/DNAME chains are decided
+  by the engine too (`after_chain`), once the answer is known, so a Decision always tells the
+  truth about what the client got.
+- **cache**: after the decision, never before it, so a cached answer is never served to a
+  client that policy blocks.
+- **forward**: the upstream pool (the only stage that awaits).
+- **finish**: the one exit. It counts the query under its decision, opens incidents, tells the
+  network backstop and records the latency. Everything that leaves goes through it, and anything
+  unexpected on the way becomes SERVFAIL, counted as `decision="error"` and logged once per cause.
+
+Blocked and cached answers are returned synchronously (no task, no await); only a cache miss
+becomes a coroutine.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from tiktokguard.dns.answers import BlockAnswers
+from tiktokguard.dns.cache import SERVFAIL_TTL, AnswerCache, CacheEntry, cache_key, cache_ttl
+from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
+from tiktokguard.dns.wire import (
+    BADVERS,
+    CLASS_IN,
+    EDE_NETWORK_ERROR,
+    NOTIMP,
+    RD,
+    REFUSED,
+    SERVFAIL,
+    TYPE_AXFR,
+    TYPE_IXFR,
+    DropPacket,
+    Query,
+    QueryError,
+    RecordIndex,
+    bare_response,
+    chain_names,
+    error_response,
+    parse_query,
+    response,
+    strip_opt,
+)
+from tiktokguard.logs import get_logger
+from tiktokguard.metrics import Metrics
+from tiktokguard.policy.clients import mac_to_text
+from tiktokguard.policy.engine import Decision, PolicyEngine, Verdict
+
+log = get_logger()
+Result = bytes | None | Coroutine[Any, Any, bytes | None]
+_ZONE_TRANSFERS = (TYPE_AXFR, TYPE_IXFR)
+ERROR_LOG_INTERVAL = 60.0  # an unexpected failure's traceback, at most once a minute per cause
+ERROR_CAUSES_KEPT = 256
+_NOT_AUTHORITATIVE = (20, "")
+
+
+class IncidentSink(Protocol):
+    """Receives every blocked query of a managed client (aggregation is the sink's job)."""
+
+    def blocked(self, client_ip: str, mac: str | None, query: Query, rule: str,
+                now: float) -> None: ...
+
+
+class AddressLearner(Protocol):
+    """The network-level backstop: learns addresses of blocked names (netfilter.Backstop)."""
+
+    def answer(self, wire: bytes, index: RecordIndex) -> None: ...
+
+    def blocked(self, qname: bytes) -> None: ...
+
+
+class MacSource(Protocol):
+    """Where a client's MAC comes from when the query does not carry one (neighbour table)."""
+
+    def mac_of(self, client_ip: str) -> str | None: ...
+
+    def unknown(self, client_ip: str) -> bool: ...
+
+    async def learn(self, client_ip: str) -> str | None: ...
+
+
+class Pipeline:
+    def __init__(self, engine: PolicyEngine, cache: AnswerCache, pool: UpstreamPool,
+                 blocks: BlockAnswers, metrics: Metrics, incidents: IncidentSink | None = None,
+                 macs: MacSource | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.pool = pool
+        self.blocks = blocks
+        self.metrics = metrics
+        self.incidents = incidents
+        self.macs = macs
+        self.clock = clock
+        self.stats = metrics.stats
+        self.backstop: AddressLearner | None = None
+        self._errors_logged: dict[tuple[str, str, int], float] = {}
+
+    # -- read, serve at all?, decide, cache ----------------------------------------------------
+
+    def handle(self, data: bytes, client_ip: str, transport: str) -> Result:
+        """The answer to one query: bytes now, None to send nothing (a counted drop), or a
+        coroutine to await. client_ip is normalised by the listener (policy.clients.client_ip)."""
+        started = time.perf_counter()
+        try:
+            query = parse_query(data)
+        except DropPacket:
+            self.stats.malformed["short"] += 1
+            return None
+        except QueryError as err:
+            reason = {NOTIMP: "notimp", BADVERS: "badvers"}.get(err.rcode, "formerr")
+            self.stats.malformed[reason] += 1
+            self.stats.queries[transport, Verdict.ERROR] += 1
+            self.stats.observe(time.perf_counter() - started)
+            return error_response(err)
+        except Exception as exc:  # a bug in the reader: the packet is all we can echo
+            return self._failed(None, data, transport, started, exc)
+        try:
+            if (not query.flags & RD or query.qclass != CLASS_IN
+                    or query.qtype in _ZONE_TRANSFERS):
+                return self._refuse(query, transport, started)
+            now = self.clock()
+            mac = (None if query.mac is None and not self.engine.classifier.devices.has_macs
+                   else self._mac(query, client_ip))
+            decision = self.engine.decide(client_ip, mac, query.qname, now)
+            verdict = decision.verdict
+            if verdict == Verdict.REFUSED:
+                return self.finish(query, decision, response(query, REFUSED), client_ip, mac,
+                                   transport, now, started)
+            if verdict == Verdict.BLOCKED:
+                if mac is None and self._may_learn_mac(client_ip):
+                    return self._decide_after_learning(query, client_ip, transport, now,
+                                                       started)
+                return self.finish(query, decision, self._blocked(query, decision), client_ip,
+                                   mac, transport, now, started)
+            return self._resolve(query, decision, client_ip, mac, transport, now, started)
+        except Exception as exc:
+            return self._failed(query, data, transport, started, exc)
+
+    def _refuse(self, query: Query, transport: str, started: float) -> bytes:
+        """REFUSED for what a forwarder does not pass on, whoever asks: RD=0 (cache snooping,
+        refused as unbound's default access control does; it must neither reach the upstream
+        nor leave a negative entry for RD=1 clients), AXFR/IXFR, and classes other than IN."""
+        self.stats.queries[transport, Verdict.REFUSED] += 1
+        self.stats.observe(time.perf_counter() - started)
+        # RFC 8914 §4.21: EDE 20 "Not Authoritative" is for exactly this (unbound sends it too).
+        return response(query, REFUSED, ede=_NOT_AUTHORITATIVE if not query.flags & RD else None)
+
+    def _resolve(self, query: Query, decision: Decision, client_ip: str, mac: str | None,
+                 transport: str, now: float, started: float) -> bytes | Coroutine[Any, Any, bytes]:
+        """A query the policy lets through: from the cache, or from the upstreams."""
+        entry = self.cache.get(cache_key(query), now)
+        if entry is None:
+            self.stats.cache_misses += 1
+            return self._forward(query, decision, client_ip, mac, transport, started)
+        self.stats.cache_hits += 1
+        if entry.chain_rule is not None:
+            decision = self.engine.after_chain(decision, entry.chain_rule)
+            if decision.verdict == Verdict.BLOCKED:
+                return self.finish(query, decision, self._blocked(query, decision), client_ip,
+                                   mac, transport, now, started)
+        if entry.rcode == SERVFAIL:
+            decision = self._error(decision)
+        return self.finish(query, decision, entry.answer(query, now, transport == "udp"),
+                           client_ip, mac, transport, now, started)
+
+    def _mac(self, query: Query, client_ip: str) -> str | None:
+        # A MAC from EDNS is believed only from a configured relay (DESIGN §1): anyone else
+        # could claim a social media device's MAC.
+        if query.mac is not None and self.engine.classifier.trusts_mac_from(client_ip):
+            return mac_to_text(query.mac)
+        if self.macs is not None and self.engine.classifier.devices.has_macs:
+            return self.macs.mac_of(client_ip)
+        return None
+
+    def _may_learn_mac(self, client_ip: str) -> bool:
+        macs = self.macs
+        return (macs is not None and self.engine.classifier.devices.has_macs
+                and macs.unknown(client_ip))
+
+    async def _decide_after_learning(self, query: Query, client_ip: str, transport: str,
+                                     now: float, started: float) -> bytes:
+        """A managed client we are about to block, whose MAC we have not seen: it may be a
+        social media device that just joined. Read the neighbour table once more (bounded)
+        before deciding, so the device does not get a block answer it would cache."""
+        try:
+            assert self.macs is not None
+            mac = await self.macs.learn(client_ip)
+            decision = self.engine.decide(client_ip, mac, query.qname, now)
+            if decision.verdict == Verdict.BLOCKED:
+                return self.finish(query, decision, self._blocked(query, decision), client_ip,
+                                   mac, transport, now, started)
+            result = self._resolve(query, decision, client_ip, mac, transport, now, started)
+            return result if isinstance(result, bytes) else await result
+        except Exception as exc:
+            return self._failed(query, b"", transport, started, exc)
+
+    def _blocked(self, query: Query, decision: Decision) -> bytes:
+        rule = decision.rule or ""
+        if decision.countermeasure_rcode is not None:
+            return self.blocks.countermeasure(query, decision.countermeasure_rcode, rule)
+        return self.blocks.blocked(query, rule)
+
+    @staticmethod
+    def _error(decision: Decision) -> Decision:
+        return Decision(Verdict.ERROR, decision.client_class, decision.rule, decision.device)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    async def _forward(self, query: Query, decision: Decision, client_ip: str, mac: str | None,
+                       transport: str, started: float) -> bytes:
+        try:
+            try:
+                reply = await self.pool.resolve(query.qname, query.qtype, query.qclass,
+                                                query.flags, query.do)
+            except AllUpstreamsFailed as exc:
+                # RFC 9520 §3.2: remember the failure briefly, so a retry storm does not hit
+                # upstreams that are already failing.
+                now = self.clock()
+                failure = bare_response(query, SERVFAIL)
+                self.cache.put(cache_key(query), CacheEntry(failure, (), now, now + SERVFAIL_TTL,
+                                                            len(failure)))
+                wire = response(query, SERVFAIL,
+                                ede=(EDE_NETWORK_ERROR, f"upstreams failed: {exc}"))
+                return self.finish(query, self._error(decision), wire, client_ip, mac,
+                                   transport, now, started)
+            now = self.clock()
+            wire, index = strip_opt(reply.wire, reply.index)
+            # CNAME inspection (DESIGN §2). An answer whose names cannot be read raises here
+            # and is answered SERVFAIL below: for a managed client that is failing closed.
+            chain_rule = (self.engine.chain_rule(chain_names(wire, index)) if index.other_names
+                          else None)
+            entry = CacheEntry(wire, index.ttl_offsets, now, now + cache_ttl(index),
+                               index.question_end, chain_rule, index.additional_at, index.ede)
+            self.cache.put(cache_key(query), entry)
+            if self.backstop is not None and (decision.rule is not None or chain_rule is not None):
+                self.backstop.answer(wire, index)  # a listed name's addresses, for the kernel sets
+            decision = self.engine.after_chain(decision, chain_rule)
+            if decision.verdict == Verdict.BLOCKED:
+                out = self._blocked(query, decision)
+            else:
+                if index.rcode == SERVFAIL:
+                    decision = self._error(decision)
+                out = entry.answer(query, now, transport == "udp")
+            return self.finish(query, decision, out, client_ip, mac, transport, now, started)
+        except Exception as exc:
+            return self._failed(query, b"", transport, started, exc)
+
+    # -- finish: the one exit -----------------------------------------------------------------
+
+    def finish(self, query: Query, decision: Decision, wire: bytes, client_ip: str,
+               mac: str | None, transport: str, now: float, started: float) -> bytes:
+        """Record what happened to the query, from its decision alone, and hand back its answer.
+        Incidents and the backstop only note the event here; their work happens elsewhere."""
+        stats = self.stats
+        verdict = decision.verdict
+        stats.queries[transport, verdict] += 1
+        if verdict == Verdict.BLOCKED:
+            rule = decision.rule or ""
+            stats.blocked[rule] = stats.blocked.get(rule, 0) + 1
+            if decision.countermeasure_rcode is None:
+                if self.incidents is not None:
+                    self.incidents.blocked(client_ip, mac, query, rule, now)
+                if self.backstop is not None:
+                    self.backstop.blocked(query.qname)
+        stats.observe(time.perf_counter() - started)
+        return wire
+
+    def _failed(self, query: Query | None, data: bytes, transport: str, started: float,
+                exc: Exception) -> bytes | None:
+        """Anything unexpected: SERVFAIL (never a silent drop), counted, logged once per cause
+        a minute. Must not raise itself."""
+        try:
+            self.stats.queries[transport, Verdict.ERROR] += 1
+            self.stats.observe(time.perf_counter() - started)
+            self._log_failure(exc)
+            if query is not None:
+                return response(query, SERVFAIL)
+            if len(data) >= 12 and not data[2] & 0x80:
+                # Header with QR and SERVFAIL, the query's ID and its RD, no sections.
+                return data[:2] + bytes([0x80 | (data[2] & 0x01), 0x80 | SERVFAIL]) + bytes(8)
+        except Exception:  # nothing more can be done for this query
+            pass
+        return None
+
+    def _log_failure(self, exc: Exception) -> None:
+        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        cause = (type(exc).__name__, frame.filename if frame else "",
+                 (frame.lineno or 0) if frame else 0)
+        now = time.monotonic()
+        logged = self._errors_logged
+        if now - logged.get(cause, -ERROR_LOG_INTERVAL) < ERROR_LOG_INTERVAL:
+            return
+        if len(logged) >= ERROR_CAUSES_KEPT and cause not in logged:
+            logged.clear()
+        logged[cause] = now
+        log.error("query_failed", error=f"{type(exc).__name__}: {exc}",
+                  traceback="".join(traceback.format_exception(exc)))
+
+
+__all__ = ["AddressLearner", "IncidentSink", "MacSource", "Pipeline"]
