@@ -12,6 +12,10 @@ Names it knows (under the zone `test.`):
   nodata.test         NOERROR with no answer and a SOA (TTL 120, minimum 60)
   *.tiktokv.com       A 192.0.2.66 (TTL 30), AAAA 2001:db8::66 (TTL 1 000 000)
   alias.tiktokv.com   CNAME edge.cdnexample.net., which has A 198.51.100.7 (a shared CDN)
+  *.dname-tiktok.test DNAME dname-tiktok.test → tiktok.com, the CNAME it makes, and an A
+  validated.test      A 192.0.2.5, with AD when the query asks (AD or DO), as a validator does
+  bogus.test          CD=1: A 192.0.2.99; CD=0: SERVFAIL with EDE 6 "DNSSEC Bogus"
+  mx.test             MX with 20 targets, and their A records in the additional section
 With hold=True, UDP replies wait until release(): queries stay in flight as long as a test wants.
 anything else: NXDOMAIN with SOA (TTL 120, minimum 60).
 """
@@ -24,7 +28,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
+from dnslib import AAAA, CNAME, EDNS0, MX, QTYPE, RCODE, RD, RR, SOA, TXT, A, DNSRecord, EDNSOption
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -110,6 +114,30 @@ class FakeUpstream:
             fake.header.id = (query.header.id + 1) & 0xFFFF
             fake.rr[0].rdata = A("203.0.113.66")
             return [fake.pack(), reply.pack()]
+        elif name.endswith(".dname-tiktok.test"):
+            label = name.split(".")[0]
+            reply.add_answer(RR("dname-tiktok.test.", 39, ttl=300,
+                                rdata=RD(b"\x06tiktok\x03com\x00")))
+            reply.add_answer(RR(query.q.qname, QTYPE.CNAME, ttl=300,
+                                rdata=CNAME(f"{label}.tiktok.com.")))
+            reply.add_answer(RR(f"{label}.tiktok.com.", QTYPE.A, ttl=60, rdata=A("192.0.2.66")))
+        elif name == "validated.test":
+            reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=300, rdata=A("192.0.2.5")))
+            do = any(rr.rtype == QTYPE.OPT and rr.ttl & 0x8000 for rr in query.ar)
+            reply.header.ad = int(bool(query.header.ad or do))
+        elif name == "bogus.test":
+            if query.header.cd:
+                reply.add_answer(RR(query.q.qname, QTYPE.A, ttl=300, rdata=A("192.0.2.99")))
+            else:
+                reply.header.rcode = RCODE.SERVFAIL
+                reply.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(15, b"\x00\x06sig")]))
+        elif name == "mx.test":
+            for i in range(20):
+                reply.add_answer(RR(query.q.qname, QTYPE.MX, ttl=300,
+                                    rdata=MX(f"mail{i:02d}.mx.test.", 10 + i)))
+            for i in range(20):
+                reply.add_ar(RR(f"mail{i:02d}.mx.test.", QTYPE.A, ttl=300,
+                                rdata=A(f"192.0.2.{100 + i}")))
         elif name == "alias.tiktokv.com":
             reply.add_answer(RR(query.q.qname, QTYPE.CNAME, ttl=300,
                                 rdata=CNAME("edge.cdnexample.net.")))

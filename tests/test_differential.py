@@ -203,3 +203,81 @@ async def test_answers_equal_to_validating_unbound(world: Any, tmp_path: Path) -
     print(f"differential: {tally.identical} identical, {tally.expected} expected differences, "
           f"{tally.total} in all")
     assert not differences, "\n".join(differences[:40]) + f"\n({len(differences)} in all)"
+
+
+# ISC's EDNS compliance probes (genreport), each against tiktokguard forwarding to the world's
+# unbound, for the SOA of the signed zone. RD=1 throughout: tiktokguard is a recursive service
+# (RD=0 is refused by design, DESIGN §5).
+COOKIE = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, bytes(range(8)))
+PROBES: dict[str, tuple[dict[str, Any], bool]] = {
+    # name: (make_query arguments, over TCP)
+    "dns": ({"use_edns": False}, False),
+    "edns": ({"use_edns": 0}, False),
+    "edns1": ({"use_edns": 1}, False),
+    "ednsopt": ({"use_edns": 0, "options": [dns.edns.GenericOption(100, b"")]}, False),
+    "edns1opt": ({"use_edns": 1, "options": [dns.edns.GenericOption(100, b"")]}, False),
+    "do": ({"use_edns": 0, "want_dnssec": True}, False),
+    "docd": ({"use_edns": 0, "want_dnssec": True, "flags": dns.flags.RD | dns.flags.CD}, False),
+    "ednsflags": ({"use_edns": 0, "ednsflags": 0x80}, False),
+    "optlist": ({"use_edns": 0, "options": [
+        dns.edns.GenericOption(dns.edns.OptionType.NSID, b""),
+        dns.edns.ECSOption("0.0.0.0", 0),
+        dns.edns.GenericOption(dns.edns.OptionType.EXPIRE, b""), COOKIE]}, False),
+    "signed": ({"use_edns": 0, "want_dnssec": True}, False),
+    "ednstcp": ({"use_edns": 0}, True),
+}
+
+
+def probe_problems(name: str, q: dns.message.Message, r: dns.message.Message) -> list[str]:
+    problems = []
+    version = q.edns
+    soa = [rrset for rrset in r.answer if rrset.rdtype == dns.rdatatype.SOA]
+    if r.id != q.id or r.question != q.question:
+        problems.append("id or question not echoed")
+    if version > 0:
+        if r.rcode() != dns.rcode.BADVERS:
+            problems.append(f"rcode {dns.rcode.to_text(r.rcode())}, not BADVERS")
+        if soa:
+            problems.append("an answer with BADVERS")
+    else:
+        if r.rcode() != dns.rcode.NOERROR or not soa:
+            problems.append(f"rcode {dns.rcode.to_text(r.rcode())}, answer {r.answer}")
+    if version < 0:
+        if r.edns >= 0:
+            problems.append("OPT in the answer to a query without EDNS")
+        return problems
+    if r.edns != 0:
+        problems.append(f"answer EDNS version {r.edns}, not 0")
+    if any(o.otype in (100, dns.edns.OptionType.EXPIRE, dns.edns.OptionType.ECS)
+           for o in r.options):
+        problems.append(f"options echoed: {r.options}")
+    want_do = bool(q.ednsflags & dns.flags.DO)
+    if bool(r.ednsflags & dns.flags.DO) != want_do:
+        problems.append("DO not echoed" if want_do else "DO set unasked")
+    if r.ednsflags & ~dns.flags.DO & 0xFFFF:
+        problems.append(f"unknown EDNS flags echoed: {r.ednsflags:#x}")
+    if bool(r.flags & dns.flags.CD) != bool(q.flags & dns.flags.CD):
+        problems.append("CD not echoed")
+    if r.flags & 0x0040:
+        problems.append("Z bit set")
+    if name == "signed" and not any(rrset.rdtype == dns.rdatatype.RRSIG for rrset in r.answer):
+        problems.append("no RRSIG in a DNSSEC answer")
+    return problems
+
+
+async def test_isc_edns_probes(world: Any, tmp_path: Path) -> None:
+    failed = {}
+    async with running_daemon(tmp_path, [world.unbound]) as tg:
+        for name, (arguments, tcp) in PROBES.items():
+            q = dns.message.make_query("signed.test", "SOA", **arguments)
+            if tcp:
+                r = await dns.asyncquery.tcp(q, "127.0.0.1", port=tg.port, source=UNMANAGED,
+                                             timeout=5)
+            else:
+                r = await dns.asyncquery.udp(q, "127.0.0.1", port=tg.port, source=UNMANAGED,
+                                             timeout=5)
+            problems = probe_problems(name, q, r)
+            if problems:
+                failed[name] = problems
+    assert not failed, failed
+    assert len(PROBES) == 11

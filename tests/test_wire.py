@@ -27,11 +27,15 @@ from tiktokguard.dns.wire import (
     NOTIMP,
     DropPacket,
     QueryError,
+    additional_that_fits,
+    answer_addresses,
     build_query,
+    chain_names,
     decode_mac_option,
     index_response,
     parse_query,
     question_addresses,
+    read_name,
     strip_opt,
     text_to_wire,
     wire_to_text,
@@ -243,3 +247,105 @@ def test_question_addresses_agree_with_dnslib(records: list[tuple[str, int, int]
     assert [(ipaddress.ip_address(a), ttl) for a, ttl in found] == expected
     # ...and spelled the one way (RFC 5952), whatever dnslib writes: 0:0:0:1:: not ::1:0:0:0:0
     assert all(a == str(ipaddress.ip_address(a)) for a, _ttl in found)
+
+
+# -- the one reader of upstream answers: names, chains, addresses, EDE ---------------------------
+
+record_types = st.sampled_from(["A", "AAAA", "CNAME", "DNAME", "TXT", "MX"])
+
+
+def _rdata_text(rtype: str, value: int, target: str) -> str:
+    return {"A": str(ipaddress.IPv4Address(value % 2**32)),
+            "AAAA": str(ipaddress.IPv6Address(value)), "CNAME": target + ".",
+            "DNAME": target + ".", "TXT": '"x"', "MX": f"10 {target}."}[rtype]
+
+
+@given(qname=names, records=st.lists(st.tuples(names, record_types, st.integers(0, 2**31 - 1),
+                                               st.integers(0, 2**128 - 1), names),
+                                     max_size=10))
+def test_chain_names_and_addresses_agree_with_dnspython(
+        qname: str, records: list[tuple[str, str, int, int, str]]) -> None:
+    q = dns.message.make_query(qname, "A", use_edns=0)
+    r = dns.message.make_response(q)
+    for owner, rtype, ttl, value, target in records:
+        rrset = r.find_rrset(r.answer, dns.name.from_text(owner), dns.rdataclass.IN,
+                             dns.rdatatype.from_text(rtype), create=True)
+        rrset.add(dns.rdata.from_text("IN", rtype, _rdata_text(rtype, value, target)), ttl)
+    wire = r.to_wire()  # compressed by dnspython, as an upstream would
+    index = index_response(wire)
+    reference = dns.message.from_wire(wire)
+    expected_names = set()
+    expected_addresses = []
+    for rrset in reference.answer:
+        expected_names.add(rrset.name.canonicalize().to_wire())
+        for rdata in rrset:
+            if rrset.rdtype in (dns.rdatatype.CNAME, dns.rdatatype.DNAME):
+                expected_names.add(rdata.target.canonicalize().to_wire())
+            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                expected_addresses.append((rrset.name.canonicalize().to_wire(),
+                                           ipaddress.ip_address(rdata.address), rrset.ttl))
+    found = chain_names(wire, index)
+    assert set(found) == expected_names and len(found) == len(set(found))
+    addresses = [(owner, ipaddress.ip_address(a), ttl)
+                 for owner, a, ttl in answer_addresses(wire, index)]
+    assert sorted(addresses, key=str) == sorted(expected_addresses, key=str)
+
+
+@given(data=st.binary(max_size=120), pos=st.integers(0, 130))
+def test_read_name_raises_only_value_error(data: bytes, pos: int) -> None:
+    try:
+        name, end = read_name(data, pos)
+    except ValueError:
+        return
+    assert len(name) <= 255 and name.endswith(b"\x00") and pos < end <= len(data)
+    assert dns.name.from_wire(data, pos)[0].canonicalize().to_wire() == name
+
+
+def test_read_name_rejects_loops_and_forward_pointers() -> None:
+    with pytest.raises(ValueError, match="loop"):
+        read_name(b"\x00" * 12 + b"\xc0\x0c", 12)  # points at itself
+    with pytest.raises(ValueError, match="loop"):
+        read_name(b"\x00" * 12 + b"\xc0\x0e\x01a\x00", 12)  # points forwards
+    assert read_name(b"\x01A\x00" + b"\x01b\xc0\x00", 3) == (b"\x01b\x01a\x00", 7)
+
+
+@given(codes=st.lists(st.integers(0, 30), max_size=3), other=st.booleans())
+def test_upstream_ede_is_read_with_its_text(codes: list[int], other: bool) -> None:
+    q = dns.message.make_query("www.example.com", "A", use_edns=0)
+    r = dns.message.make_response(q)
+    r.set_rcode(dns.rcode.SERVFAIL)
+    options = [dns.edns.EDEOption(code, f"why {code}") for code in codes]
+    if other:
+        options.insert(0, dns.edns.GenericOption(dns.edns.OptionType.NSID, b"upstream-1"))
+    r.use_edns(0, options=options)
+    index = index_response(r.to_wire())
+    stripped, sindex = strip_opt(r.to_wire(), index)
+    entry = CacheEntry(stripped, sindex.ttl_offsets, 0.0, 5.0, sindex.question_end,
+                       ede=sindex.ede)
+    reply = dns.message.from_wire(entry.answer(parse_query(q.to_wire()), 1.0, udp=True))
+    assert [(o.code, o.text) for o in reply.options] == [(c, f"why {c}") for c in codes]
+    assert index.dnssec_failure == any(c in {1, 2, 5, 6, 7, 8, 9, 10, 11, 12} for c in codes)
+
+
+@given(sizes=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3)), max_size=8),
+       limit=st.integers(12, 400))
+def test_additional_that_fits_keeps_whole_rrsets_in_order(sizes: list[tuple[int, int]],
+                                                           limit: int) -> None:
+    q = dns.message.make_query("mx.example.com", "MX", use_edns=False)
+    r = dns.message.make_response(q)
+    groups = []
+    for i, (owner, count) in enumerate(sizes):
+        rrset = dns.rrset.from_text(f"m{owner}-{i}.example.com.", 60, "IN", "TXT",
+                                    *[f'"{i}-{j}"' for j in range(count)])
+        r.additional.append(rrset)
+        groups.append(count)
+    wire = r.to_wire()
+    index = index_response(wire)
+    end, kept = additional_that_fits(wire, index.additional_at, index.arcount, limit)
+    assert end <= max(limit, index.additional_at)
+    cut = wire[:10] + struct.pack("!H", kept) + wire[12:end]
+    kept_rrsets = dns.message.from_wire(cut).additional
+    assert [len(rrset) for rrset in kept_rrsets] == groups[:len(kept_rrsets)]
+    if len(kept_rrsets) < len(groups):  # it stopped because the next RRset did not fit
+        r.additional = r.additional[:len(kept_rrsets) + 1]
+        assert len(r.to_wire()) > limit  # (compression only looks back: same offsets)
