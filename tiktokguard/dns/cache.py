@@ -32,14 +32,16 @@ MAX_TTL = 86_400  # never keep an answer longer than a day, whatever the upstrea
 NEGATIVE_TTL_WITHOUT_SOA = 30  # a negative answer without SOA: RFC 2308 §5 says "SHOULD NOT" cache
 SERVFAIL_TTL = 5  # RFC 9520: cache resolution failures at least 1 s, and not for long
 
-CacheKey = tuple[bytes, int, int, bool, bool]
+CacheKey = tuple[bytes, int, int, bool, int]
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _ECHOED = RD | CD | AD  # the flags an answer takes from the query, not from the upstream
 
 
 def cache_key(query: Query) -> CacheKey:
-    return (query.qname, query.qtype, query.qclass, query.do, bool(query.flags & CD))
+    """(name, type, class, DO, CD bit): the pipeline spells the same tuple inline on its hot
+    path."""
+    return (query.qname, query.qtype, query.qclass, query.do, query.flags & CD)
 
 
 @dataclass(slots=True)
@@ -52,14 +54,11 @@ class CacheEntry:
     chain_rule: str | None = None  # CNAME inspection: a blocked name this answer leads to
     additional_at: int = 0  # offset of the additional section in wire (0: the end)
     ede: bytes = b""  # the upstream's Extended DNS Error options, passed on to every client
+    servfail: bool = False  # a failure (RFC 9520), counted as decision="error" when served
     _age: int = -1
     _body: bytes = b""  # the records after the question, TTLs counted down by _age seconds
     # Header bytes 2..12 (flags and counts) and the OPT, by the query's RD/CD/AD, DO and EDNS.
     _heads: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-
-    @property
-    def rcode(self) -> int:
-        return self.wire[3] & 0xF
 
     def answer(self, query: Query, now: float, udp: bool) -> bytes:
         """This answer for one client: its ID, its question bytes (its case), flags from its

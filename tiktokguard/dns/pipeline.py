@@ -34,6 +34,7 @@ from tiktokguard.dns.cache import SERVFAIL_TTL, AnswerCache, CacheEntry, cache_k
 from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
 from tiktokguard.dns.wire import (
     BADVERS,
+    CD,
     CLASS_IN,
     EDE_NETWORK_ERROR,
     NOTIMP,
@@ -127,8 +128,7 @@ class Pipeline:
         except Exception as exc:  # a bug in the reader: the packet is all we can echo
             return self._failed(None, data, transport, started, exc)
         try:
-            if (not query.flags & RD or query.qclass != CLASS_IN
-                    or query.qtype in _ZONE_TRANSFERS):
+            if not query.flags & RD or query.qclass != CLASS_IN or query.qtype in _ZONE_TRANSFERS:
                 return self._refuse(query, transport, started)
             now = self.clock()
             mac = (None if query.mac is None and not self.engine.classifier.devices.has_macs
@@ -142,8 +142,10 @@ class Pipeline:
                 if mac is None and self._may_learn_mac(client_ip):
                     return self._decide_after_learning(query, client_ip, transport, now,
                                                        started)
-                return self.finish(query, decision, self._blocked(query, decision), client_ip,
-                                   mac, transport, now, started)
+                wire = (self.blocks.blocked(query, decision.rule)  # type: ignore[arg-type]
+                        if decision.countermeasure_rcode is None
+                        else self._blocked(query, decision))
+                return self.finish(query, decision, wire, client_ip, mac, transport, now, started)
             return self._resolve(query, decision, client_ip, mac, transport, now, started)
         except Exception as exc:
             return self._failed(query, data, transport, started, exc)
@@ -160,7 +162,8 @@ class Pipeline:
     def _resolve(self, query: Query, decision: Decision, client_ip: str, mac: str | None,
                  transport: str, now: float, started: float) -> bytes | Coroutine[Any, Any, bytes]:
         """A query the policy lets through: from the cache, or from the upstreams."""
-        entry = self.cache.get(cache_key(query), now)
+        entry = self.cache.get((query.qname, query.qtype, query.qclass, query.do,
+                                query.flags & CD), now)  # (cache_key, inline)
         if entry is None:
             self.stats.cache_misses += 1
             return self._forward(query, decision, client_ip, mac, transport, started)
@@ -170,7 +173,7 @@ class Pipeline:
             if decision.verdict == Verdict.BLOCKED:
                 return self.finish(query, decision, self._blocked(query, decision), client_ip,
                                    mac, transport, now, started)
-        if entry.rcode == SERVFAIL:
+        if entry.servfail:
             decision = self._error(decision)
         return self.finish(query, decision, entry.answer(query, now, transport == "udp"),
                            client_ip, mac, transport, now, started)
@@ -230,7 +233,7 @@ class Pipeline:
                 now = self.clock()
                 failure = bare_response(query, SERVFAIL)
                 self.cache.put(cache_key(query), CacheEntry(failure, (), now, now + SERVFAIL_TTL,
-                                                            len(failure)))
+                                                            len(failure), servfail=True))
                 wire = response(query, SERVFAIL,
                                 ede=(EDE_NETWORK_ERROR, f"upstreams failed: {exc}"))
                 return self.finish(query, self._error(decision), wire, client_ip, mac,
@@ -242,7 +245,8 @@ class Pipeline:
             chain_rule = (self.engine.chain_rule(chain_names(wire, index)) if index.other_names
                           else None)
             entry = CacheEntry(wire, index.ttl_offsets, now, now + cache_ttl(index),
-                               index.question_end, chain_rule, index.additional_at, index.ede)
+                               index.question_end, chain_rule, index.additional_at, index.ede,
+                               index.rcode == SERVFAIL)
             self.cache.put(cache_key(query), entry)
             if self.backstop is not None and (decision.rule is not None or chain_rule is not None):
                 self.backstop.answer(wire, index)  # a listed name's addresses, for the kernel sets
@@ -268,7 +272,8 @@ class Pipeline:
         stats.queries[transport, verdict] += 1
         if verdict == Verdict.BLOCKED:
             rule = decision.rule or ""
-            stats.blocked[rule] = stats.blocked.get(rule, 0) + 1
+            blocked = stats.blocked
+            blocked[rule] = blocked.get(rule, 0) + 1
             if decision.countermeasure_rcode is None:
                 if self.incidents is not None:
                     self.incidents.blocked(client_ip, mac, query, rule, now)
