@@ -1,7 +1,9 @@
 """DNS wire format without I/O: read a query's question and EDNS, build synthetic answers.
 
 This is the per-query hot path, so it reads the few fields the policy needs straight from the
-bytes instead of parsing whole messages (dnslib stays the tool for full messages elsewhere).
+bytes instead of parsing whole messages. It is also the one reader of upstream answers (record
+positions and TTLs for the cache; owner names, CNAME/DNAME targets and addresses for CNAME
+inspection and the network backstop; the upstream's EDE), so those two can never drift apart.
 Every function here is cross-checked against dnslib and dnspython in tests/test_wire.py.
 """
 

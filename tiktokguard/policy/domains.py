@@ -125,7 +125,7 @@ class DomainMatcher:
         return None
 
     def match_text(self, name: str) -> str | None:
-        """match() for a name in presentation form (CLI, API, CNAME targets from dnslib)."""
+        """match() for a name in presentation form (CLI, API)."""
         try:
             wire = text_to_wire(name)
         except (ValueError, UnicodeError):
