@@ -111,6 +111,8 @@ class IncidentsConfig:
     """Stored incidents older than this are deleted."""
     max_rows: int = 100_000
     """At most this many incidents are kept (newest first)."""
+    max_open: int = 100_000
+    """Open incidents held in memory at most; past it, one incident_storm event a window."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +332,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "webhook_url": _webhook_url,
         "retention_days": _int_in(1, 3650),
         "max_rows": _int_in(100, 100_000_000),
+        "max_open": _int_in(10, 10_000_000),
     }),
     "netfilter": (NetfilterConfig, {
         "backend": _choice(("off", "nftables", "ipset")),

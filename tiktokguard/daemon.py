@@ -60,7 +60,7 @@ class Daemon:
         self.incidents = IncidentAggregator(
             config.incidents.window_seconds, self.metrics, config.incidents.webhook_url,
             config.incidents.retention_days, config.incidents.max_rows,
-            describe=self._describe_client, clock=clock)
+            describe=self._describe_client, clock=clock, max_open=config.incidents.max_open)
         self.neighbours = (NeighbourTable(self.metrics, lambda: self.devices.has_macs)
                            if config.policy.neighbour_table else None)
         # Raises ListError (a bad list) before anything is bound.
@@ -226,6 +226,7 @@ class Daemon:
         self.incidents.webhook_url = incidents.webhook_url
         self.incidents.retention_days = incidents.retention_days
         self.incidents.max_rows = incidents.max_rows
+        self.incidents.max_open = incidents.max_open
 
     async def _reload_lists(self, reason: str) -> bool:
         try:

@@ -6,6 +6,13 @@ one per packet: the first blocked query of a (client, rule) opens an incident; f
 `incidents.window_seconds` raise its count. A new incident is logged once as a JSON line, stored
 (bounded retention) and optionally POSTed to a webhook. The per-query part (`blocked`) only
 touches a dict; everything else happens in the background and never delays an answer.
+
+Bounded (issue: one client must not take the resolver down): open incidents live in an
+OrderedDict in the order they were opened, so the ones whose window has closed are always at
+the front and are forgotten from there, O(1) per blocked query however many are open. At most
+`max_open` are open at once; past that a blocked query of a new (client, rule) opens nothing,
+is counted (`tiktokguard_incidents_overflow_total`) and summed into one `incident_storm` event a
+window, which tells the SOC that something floods, and how much, without a line per client.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +40,7 @@ WEBHOOK_QUEUE = 1000
 WEBHOOK_TRIES = 4
 WEBHOOK_TIMEOUT = 5.0
 MAX_OPEN = 100_000  # open (client, rule) pairs kept in memory at most
+LOG_BATCH = 500  # new incidents logged between two yields to the event loop
 log = get_logger("tiktokguard.incidents")
 
 
@@ -43,13 +52,16 @@ class BlockedBatch:
     """A worker's side of incidents: blocked queries summed per (client, rule) until the main
     process takes them (every second) and merges them into its aggregator."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = MAX_OPEN) -> None:
         self.entries: dict[tuple[str, str], list[Any]] = {}
+        self.max_entries = max_entries
 
     def blocked(self, client_ip: str, mac: str | None, query: Query, rule: str,
                 now: float) -> None:
         entry = self.entries.get((client_ip, rule))
         if entry is None:
+            if len(self.entries) >= self.max_entries:
+                return  # (the main process's table is full long before this one fills)
             self.entries[client_ip, rule] = [mac, query.name, qtype_name(query.qtype), 1, now,
                                              now]
         else:
@@ -94,7 +106,7 @@ class IncidentAggregator:
     def __init__(self, window_seconds: float, metrics: Metrics, webhook_url: str = "",
                  retention_days: int = 90, max_rows: int = 100_000,
                  describe: Callable[[str, str | None], str | None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_open: int = MAX_OPEN) -> None:
         self.window = window_seconds
         self.metrics = metrics
         self.webhook_url = webhook_url
@@ -102,13 +114,19 @@ class IncidentAggregator:
         self.max_rows = max_rows
         self.describe = describe
         self.clock = clock
+        self.max_open = max_open
         self.store: Store | None = None
-        self.open: dict[tuple[str, str], Incident] = {}
+        # (client, rule) → its incident, oldest first (see the module's docstring)
+        self.open: OrderedDict[tuple[str, str], Incident] = OrderedDict()
         self._new: list[Incident] = []
         self._dirty: dict[str, Incident] = {}
         self._wake = asyncio.Event()
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(WEBHOOK_QUEUE)
         self._flush_lock = asyncio.Lock()
+        self._overflow = 0  # blocked queries that found the table full, since the last storm event
+        self._overflow_rules: dict[str, int] = {}  # the same by rule (bounded by the lists)
+        self._overflow_since = 0.0
+        self._storm_logged = float("-inf")
 
     # -- per query (hot path) ---------------------------------------------------------------------
 
@@ -135,20 +153,51 @@ class IncidentAggregator:
 
     def _open(self, client_ip: str, mac: str | None, name: str, rule: str, qtype: str,
               count: int, first: float, last: float) -> None:
-        if len(self.open) >= MAX_OPEN:
-            self._expire(first)
+        key = (client_ip, rule)
+        # A closed window's incident of the same pair leaves its place at the front for a new
+        # one at the back (its final count is already dirty, to be written).
+        self.open.pop(key, None)
+        self._expire(first)
+        if len(self.open) >= self.max_open:
+            if not self._overflow:
+                self._overflow_since = first
+            self._overflow += count
+            self._overflow_rules[rule] = self._overflow_rules.get(rule, 0) + count
+            self.metrics.incidents_overflow.inc(count)
+            self._wake.set()
+            return
         incident = Incident(secrets.token_hex(8), client_ip, mac, name, rule, qtype, count,
                             first, last)
-        self.open[client_ip, rule] = incident
+        self.open[key] = incident
         self._new.append(incident)
         self._dirty[incident.incident_id] = incident
         self.metrics.incidents.inc()
         self._wake.set()
 
     def _expire(self, now: float) -> None:
-        """Forget incidents whose window has closed (their final count is already dirty)."""
-        for key in [k for k, i in self.open.items() if now - i.first_seen >= self.window]:
-            del self.open[key]
+        """Forget incidents whose window has closed: they are at the front, oldest first, so
+        this stops at the first one still open (amortised O(1) per call)."""
+        open_ = self.open
+        window = self.window
+        while open_:
+            key, incident = next(iter(open_.items()))
+            if now - incident.first_seen < window:
+                return
+            del open_[key]
+
+    def _storm_event(self, now: float) -> dict[str, Any] | None:
+        """One `incident_storm` event a window at most, while new incidents find the table
+        full: how many blocked queries went untracked, since when, and under which rules."""
+        if not self._overflow or now - self._storm_logged < self.window:
+            return None
+        top = sorted(self._overflow_rules.items(), key=lambda item: -item[1])[:10]
+        event = {"untracked_queries": self._overflow, "open_incidents": len(self.open),
+                 "max_open": self.max_open, "since": rfc3339(self._overflow_since),
+                 "rules": dict(top)}
+        self._overflow = 0
+        self._overflow_rules = {}
+        self._storm_logged = now
+        return event
 
     # -- background -------------------------------------------------------------------------------
 
@@ -157,22 +206,31 @@ class IncidentAggregator:
         async with self._flush_lock:
             new, self._new = self._new, []
             dirty, self._dirty = self._dirty, {}
-            for incident in new:
+            for number, incident in enumerate(new, start=1):
                 if self.describe is not None:
                     incident.device_name = self.describe(incident.client_ip, incident.client_mac)
                 event = incident.to_json()
                 log.warning("policy_violation", **{k: v for k, v in event.items()
                                                    if k != "device_name" or v is not None})
-                if self.webhook_url:
-                    payload = {"event": "policy_violation", "timestamp": rfc3339(self.clock()),
-                               **event}
-                    try:
-                        self._queue.put_nowait(payload)
-                    except asyncio.QueueFull:
-                        self.metrics.webhook_dropped.labels("queue_full").inc()
+                self._post("policy_violation", event)
+                if number % LOG_BATCH == 0:
+                    await asyncio.sleep(0)  # a burst of new incidents must not stall DNS
+            storm = self._storm_event(self.clock())
+            if storm is not None:
+                log.warning("incident_storm", **storm)
+                self._post("incident_storm", storm)
             if dirty and self.store is not None:
                 await self.store.save_incidents([i.to_json() for i in dirty.values()])
             self._expire(self.clock())
+
+    def _post(self, kind: str, event: dict[str, Any]) -> None:
+        if not self.webhook_url:
+            return
+        payload = {"event": kind, "timestamp": rfc3339(self.clock()), **event}
+        try:
+            self._queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            self.metrics.webhook_dropped.labels("queue_full").inc()
 
     async def run(self) -> None:
         """Flush (at most once a second, right away on a new incident) and prune, until
@@ -223,5 +281,5 @@ class IncidentAggregator:
                         await asyncio.sleep(0.5 * 2 ** attempt)
                 else:
                     self.metrics.webhook_dropped.labels(reason).inc()
-                    log.warning("incident_webhook_dropped", incident_id=event["incident_id"],
-                                reason=reason)
+                    log.warning("incident_webhook_dropped", reason=reason,
+                                incident_id=event.get("incident_id"), kind=event["event"])

@@ -189,6 +189,9 @@ class Metrics:
         self.stats = QueryStats()
         r.register(self.stats)
         self.incidents = Counter("tiktokguard_incidents", "Incidents opened", registry=r)
+        self.incidents_overflow = Counter(
+            "tiktokguard_incidents_overflow", "Blocked queries of a new (client, rule) that found "
+            "the open-incident table full (summed into incident_storm events)", registry=r)
         self.allowlisted_devices = Gauge("tiktokguard_allowlisted_devices",
                                          "Active, unexpired social media devices", registry=r)
         self.blocklist_rules = Gauge("tiktokguard_blocklist_rules", "Rules in the loaded lists",

@@ -1,0 +1,131 @@
+"""One client must not take the resolver down: every table keyed by a client or a name has a
+bound and O(1) work per query (issue 12). Pure parts are driven directly with time passed in;
+listeners are tested over real loopback sockets."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from tiktokguard.dns.upstream import UpstreamPool
+from tiktokguard.dns.wire import parse_query, text_to_wire
+from tiktokguard.incidents import IncidentAggregator
+from tiktokguard.metrics import Metrics
+
+
+class CountingDict(OrderedDict):  # type: ignore[type-arg]
+    """An OrderedDict that counts the entries any scan of it visits."""
+
+    visited = 0
+
+    def items(self) -> Any:
+        parent = super().items()
+
+        def counted() -> Iterator[Any]:
+            for item in parent:
+                CountingDict.visited += 1
+                yield item
+        return counted()
+
+
+def _query(name: str = "www.tiktok.com") -> Any:
+    header = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    return parse_query(header + text_to_wire(name) + b"\x00\x01\x00\x01")
+
+
+def test_incidents_cost_o1_per_blocked_query_however_many_are_open() -> None:
+    metrics = Metrics()
+    agg = IncidentAggregator(600, metrics, max_open=20_000)
+    agg.open = CountingDict()
+    query = _query()
+    for i in range(20_000):  # the table fills up within one window
+        agg.blocked(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", None, query, "tiktok.com", 1.0)
+    CountingDict.visited = 0
+    for i in range(5_000):  # full: each new pair must not scan the table
+        agg.blocked(f"10.200.{i >> 8}.{i & 255}", None, query, "tiktok.com", 2.0)
+    assert CountingDict.visited <= 5_000  # one peek at the front per new pair, not 20 000
+    assert len(agg.open) == 20_000
+    assert metrics.sample("tiktokguard_incidents_overflow_total") == 5_000
+    # A window later the oldest leave from the front, as many as there are new ones.
+    CountingDict.visited = 0
+    for i in range(1_000):
+        agg.blocked(f"10.201.{i >> 8}.{i & 255}", None, query, "tiktok.com", 700.0)
+    assert len(agg.open) == 1_000  # everything from t=1 is gone, the new ones are in
+    assert CountingDict.visited <= 20_000 + 2 * 1_000  # each entry left once: amortised O(1)
+
+
+def test_a_closed_window_reopens_at_the_back() -> None:
+    agg = IncidentAggregator(600, Metrics(), max_open=10)
+    query = _query()
+    agg.blocked("10.0.0.1", None, query, "tiktok.com", 0.0)
+    agg.blocked("10.0.0.2", None, query, "tiktok.com", 100.0)
+    first = agg.open["10.0.0.1", "tiktok.com"].incident_id
+    agg.blocked("10.0.0.1", None, query, "tiktok.com", 650.0)  # its window closed: new incident
+    assert agg.open["10.0.0.1", "tiktok.com"].incident_id != first
+    assert list(agg.open) == [("10.0.0.2", "tiktok.com"), ("10.0.0.1", "tiktok.com")]
+    agg.blocked("10.0.0.3", None, query, "tiktok.com", 720.0)  # 10.0.0.2's window closed too
+    assert list(agg.open) == [("10.0.0.1", "tiktok.com"), ("10.0.0.3", "tiktok.com")]
+
+
+async def test_a_full_table_gives_one_storm_event_a_window() -> None:
+    now = [1.0]
+    metrics = Metrics()
+    agg = IncidentAggregator(600, metrics, max_open=100, clock=lambda: now[0])
+    for i in range(300):
+        agg.blocked(f"2001:db8::{i:x}", None, _query(), "tiktok.com" if i % 3 else "capcut.com",
+                    now[0])
+    with capture_logs() as logs:
+        await agg.flush()
+        now[0] = 2.0
+        agg.blocked("2001:db8::ffff", None, _query(), "tiktok.com", now[0])
+        await agg.flush()  # overflowing again within the window: no second storm event
+    storms = [line for line in logs if line["event"] == "incident_storm"]
+    violations = [line for line in logs if line["event"] == "policy_violation"]
+    assert len(violations) == 100 and len(storms) == 1
+    assert storms[0]["untracked_queries"] == 200 and storms[0]["max_open"] == 100
+    assert storms[0]["rules"] == {"tiktok.com": 134, "capcut.com": 66}  # (of i = 100..299)
+    assert metrics.sample("tiktokguard_incidents_overflow_total") == 201
+
+
+# -- upstream health ---------------------------------------------------------------------------
+
+def test_upstream_backoff_cannot_overflow() -> None:
+    from tiktokguard.config import HostPort
+
+    pool = UpstreamPool((HostPort("127.0.0.1", 9),), 0.1, clock=lambda: 1000.0)
+    upstream = pool.upstreams[0]
+    for _ in range(5_000):  # 2 ** 1030 overflowed a float before
+        pool._failed(upstream, "timeout")
+    assert upstream.failures == 5_000
+    assert upstream.down_until == pytest.approx(1060.0)  # the longest back-off, 60 s
+
+
+async def test_an_incident_flood_over_udp_is_answered_and_bounded(
+        tmp_path: Any, upstream: Any) -> None:
+    import dns.asyncquery
+    import dns.message
+    import dns.rcode
+
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address],
+                              extra="[incidents]\nmax_open = 40") as tg:
+        with capture_logs() as logs:
+            for i in range(1, 121):  # 120 managed loopback hosts, each a new incident
+                q = dns.message.make_query(f"v{i}.tiktok.com", "A")
+                reply = await dns.asyncquery.udp(q, "127.0.0.1", port=tg.port,
+                                                 source=f"127.0.0.{i}", timeout=3)
+                assert reply.rcode() == dns.rcode.NXDOMAIN  # every one answered
+            await tg.daemon.incidents.flush()
+        incidents = tg.daemon.incidents
+        assert len(incidents.open) == 40
+        assert tg.metrics.sample("tiktokguard_incidents_overflow_total") == 80
+        assert tg.metrics.sample("tiktokguard_incidents_total") == 40
+        # Announced at the first overflow (the background flush runs meanwhile); the rest is
+        # summed into the next window's event, and the counter has the total now.
+        storms = [line for line in logs if line["event"] == "incident_storm"]
+        assert len(storms) == 1 and 1 <= storms[0]["untracked_queries"] <= 80
