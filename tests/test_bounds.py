@@ -129,3 +129,169 @@ async def test_an_incident_flood_over_udp_is_answered_and_bounded(
         # summed into the next window's event, and the counter has the total now.
         storms = [line for line in logs if line["event"] == "incident_storm"]
         assert len(storms) == 1 and 1 <= storms[0]["untracked_queries"] <= 80
+
+
+# -- TCP: slots, idle timer, back-pressure, half-close -----------------------------------------
+
+def _frame(name: str, rdtype: str = "A") -> bytes:
+    import struct
+
+    import dns.message
+
+    wire = dns.message.make_query(name, rdtype).to_wire()
+    return struct.pack("!H", len(wire)) + wire
+
+
+async def _answer(reader: Any) -> Any:
+    import struct
+
+    import dns.message
+
+    length = struct.unpack("!H", await reader.readexactly(2))[0]
+    return dns.message.from_wire(await reader.readexactly(length))
+
+
+async def _connect(tg: Any, source: str = "127.0.0.5") -> tuple[Any, Any]:
+    import asyncio
+
+    return await asyncio.open_connection("127.0.0.1", tg.port, local_addr=(source, 0))
+
+
+async def _closed_by_server(reader: Any, seconds: float = 3.0) -> bool:
+    import asyncio
+
+    async with asyncio.timeout(seconds):
+        return await reader.read() == b""
+
+
+async def test_tcp_at_the_cap_sheds_the_longest_idle(tmp_path: Any, upstream: Any) -> None:
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address],
+                              extra="[dns]\nmax_tcp_connections = 2") as tg:
+        first, second = await _connect(tg), await _connect(tg)
+        for reader, writer in (first, second):  # first idle longest, then second
+            writer.write(_frame("a.test"))
+            assert (await _answer(reader)).answer
+        third = await _connect(tg)
+        third[1].write(_frame("b.a.test"))
+        assert (await _answer(third[0])).answer  # the newcomer is served ...
+        assert await _closed_by_server(first[0])  # ... in the place of the longest idle
+        second[1].write(_frame("c.a.test"))
+        assert (await _answer(second[0])).answer
+        assert tg.daemon.server.tcp_shed == 1
+        for _reader, writer in (first, second, third):
+            writer.close()
+
+
+async def test_tcp_at_the_cap_with_every_connection_busy_refuses_the_newcomer(
+        tmp_path: Any, upstream: Any) -> None:
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address],
+                              extra="[dns]\nmax_tcp_connections = 2") as tg:
+        upstream.hold = True  # queries stay in flight: no connection is idle
+        busy = [await _connect(tg), await _connect(tg)]
+        for i, (_reader, writer) in enumerate(busy):
+            writer.write(_frame(f"held{i}.a.test"))
+        while len(upstream.held) < 2:
+            await upstream.held_changed.wait()
+            upstream.held_changed.clear()
+        newcomer = await _connect(tg)
+        assert await _closed_by_server(newcomer[0])
+        upstream.release()
+        for reader, _writer in busy:
+            assert (await _answer(reader)).answer
+        assert tg.daemon.server.tcp_refused == 1
+        for _reader, writer in [*busy, newcomer]:
+            writer.close()
+
+
+async def test_tcp_per_client_cap_leaves_room_for_others(tmp_path: Any, upstream: Any) -> None:
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address],
+                              extra="[dns]\nmax_tcp_per_client = 3") as tg:
+        mine = [await _connect(tg, "127.0.0.5") for _ in range(3)]
+        for reader, writer in mine:
+            writer.write(_frame("a.test"))
+            assert (await _answer(reader)).answer
+        fourth = await _connect(tg, "127.0.0.5")
+        assert await _closed_by_server(fourth[0])
+        other = await _connect(tg, "127.0.0.6")
+        other[1].write(_frame("a.test"))
+        assert (await _answer(other[0])).answer
+        for _reader, writer in [*mine, fourth, other]:
+            writer.close()
+
+
+async def test_tcp_trickled_bytes_keep_no_connection_open(tmp_path: Any,
+                                                          upstream: Any) -> None:
+    import asyncio
+
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address],
+                              extra="[dns]\ntcp_idle_timeout_ms = 400") as tg:
+        reader, writer = await _connect(tg)
+        frame = _frame("a.test")
+        closed = asyncio.create_task(_closed_by_server(reader, 5.0))
+        # One byte every 100 ms, never a whole message (bounded: 40 bytes at most).
+        for byte in frame[:40]:
+            if closed.done():
+                break
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+        assert closed.done() and closed.result()  # closed while it was still trickling
+        writer.close()
+
+
+async def test_tcp_client_that_does_not_read_is_not_read_from(tmp_path: Any,
+                                                              upstream: Any) -> None:
+    import asyncio
+    import socket
+
+    from tests.conftest import running_daemon
+    from tiktokguard.dns.server import OUTPUT_HIGH
+
+    async with running_daemon(tmp_path, [upstream.address]) as tg:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.5", 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", tg.port))
+        chunk = _frame("www.tiktok.com") * 2000  # blocked: answered at once, ~3x larger
+        sent, stalled = 0, 0
+        while sent < 32 * 1024 * 1024 and stalled < 20:  # bounded in bytes and in time
+            try:
+                sent += sock.send(chunk)
+                stalled = 0
+            except BlockingIOError:
+                stalled += 1
+                await asyncio.sleep(0.02)
+        (connection,) = tg.daemon.server.tcp_connections
+        assert connection.transport is not None
+        # The daemon stopped reading once the answers piled up: what it holds for this client
+        # is bounded, and the client could not push its 32 MiB.
+        assert connection.transport.get_write_buffer_size() <= OUTPUT_HIGH + 64 * 1024
+        assert sent < 32 * 1024 * 1024
+        # Everyone else is still served meanwhile.
+        other = await _connect(tg, "127.0.0.6")
+        other[1].write(_frame("a.test"))
+        assert (await _answer(other[0])).answer
+        other[1].close()
+        sock.close()
+
+
+async def test_tcp_half_closed_client_gets_its_answers(tmp_path: Any, upstream: Any) -> None:
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address]) as tg:
+        reader, writer = await _connect(tg)
+        writer.write(_frame("www.tiktok.com") + _frame("a.test") + _frame("b.a.test"))
+        writer.write_eof()  # queries sent; the client's side is closed
+        answers = [await _answer(reader) for _ in range(3)]
+        assert sorted(a.question[0].name.to_text() for a in answers) == [
+            "a.test.", "b.a.test.", "www.tiktok.com."]
+        assert await _closed_by_server(reader)
+        writer.close()

@@ -516,25 +516,6 @@ async def test_tcp_idle_connection_is_closed(tmp_path: Path, upstream: FakeUpstr
         writer.close()
 
 
-async def test_tcp_connection_cap(tmp_path: Path, upstream: FakeUpstream) -> None:
-    async with running_daemon(tmp_path, [upstream.address],
-                              extra="[dns]\nmax_tcp_connections = 2") as tg:
-        first = await asyncio.open_connection("127.0.0.1", tg.port)
-        second = await asyncio.open_connection("127.0.0.1", tg.port)
-        # Round trips on both make sure the server has registered them.
-        for reader, writer in (first, second):
-            writer.write(frame(dns.message.make_query("a.test", "A")))
-            assert (await read_frame(reader)).answer
-        third_reader, third_writer = await asyncio.open_connection("127.0.0.1", tg.port)
-        async with asyncio.timeout(3):
-            assert await third_reader.read() == b""
-        first[1].write(frame(dns.message.make_query("b.a.test", "A")))
-        assert (await read_frame(first[0])).answer
-        for _reader, writer in (first, second):
-            writer.close()
-        third_writer.close()
-
-
 # -- IPv6 ----------------------------------------------------------------------------------------
 
 

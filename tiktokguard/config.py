@@ -52,9 +52,13 @@ class DnsConfig:
     cache_size: int = 100_000
     """Most answers kept in the cache (least recently used go first)."""
     tcp_idle_timeout_ms: int = 10_000
-    """A TCP connection with no query in flight for this long is closed (RFC 7766 §6.2.3)."""
+    """A TCP connection with no complete query or answer for this long is closed (RFC 7766
+    §6.2.3)."""
     max_tcp_connections: int = 1000
-    """Open TCP connections at most, over all listeners; more are closed at once."""
+    """Open TCP connections at most, over all listeners; a newcomer sheds the longest idle."""
+    max_tcp_per_client: int = 64
+    """Open TCP connections per client address at most; more are closed at once (a relay that
+    speaks for a whole segment may need more)."""
     workers: int = 1
     """Processes answering DNS on the same ports (SO_REUSEPORT); more use more cores."""
 
@@ -311,6 +315,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "cache_size": _int_in(0, 10_000_000),
         "tcp_idle_timeout_ms": _int_in(100, 600_000),
         "max_tcp_connections": _int_in(1, 1_000_000),
+        "max_tcp_per_client": _int_in(1, 1_000_000),
         "workers": _int_in(1, 64),
     }),
     "policy": (PolicyConfig, {

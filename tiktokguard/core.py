@@ -84,7 +84,7 @@ class DnsCore:
         self.pipeline = Pipeline(self.engine, self.cache, self.pool, self._make_blocks(config),
                                  metrics, incidents=incidents, macs=macs, clock=clock)
         self.server = ServerState(self.pipeline, config.dns.tcp_idle_timeout_ms / 1000,
-                                  config.dns.max_tcp_connections)
+                                  config.dns.max_tcp_connections, config.dns.max_tcp_per_client)
         backend = make_backend(config.netfilter)
         self.backstop = (Backstop(config.netfilter, backend, metrics, lambda: self.engine.matcher,
                                   lambda: self.pool) if backend is not None else None)
@@ -149,6 +149,7 @@ class DnsCore:
         self.cache.resize(new.dns.cache_size)
         self.server.tcp_idle_timeout = new.dns.tcp_idle_timeout_ms / 1000
         self.server.max_tcp = new.dns.max_tcp_connections
+        self.server.max_tcp_per_client = new.dns.max_tcp_per_client
         if self.backstop is not None:
             self.backstop.config = new.netfilter
         self.config = new

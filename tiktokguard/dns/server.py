@@ -1,7 +1,16 @@
 """asyncio DNS listeners (UDP and TCP). They only move bytes: policy lives in the pipeline.
 
 TCP follows RFC 7766: 2-byte length framing, several queries per connection answered as they
-complete (pipelining, possibly out of order), an idle timeout, and a cap on open connections.
+complete (pipelining, possibly out of order), an idle timeout, and caps on open connections.
+One client must not be able to take TCP from everyone else:
+- back-pressure: a connection whose answers the client does not read (its output over
+  OUTPUT_HIGH bytes) is not read from either until the client catches up, and at most
+  MAX_PIPELINE of its queries are in flight; so memory per connection stays bounded;
+- the idle timer counts from the last complete query or answer: bytes trickled in without
+  completing a message keep no connection open;
+- at most `max_tcp_per_client` connections per source address, and when all
+  `max_tcp_connections` are taken a newcomer sheds the connection idle the longest;
+- a client that half-closes (sends its queries, then FIN) still gets its answers.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
@@ -18,6 +28,12 @@ from tiktokguard.dns.pipeline import Pipeline
 from tiktokguard.policy.clients import client_address
 
 MAX_PIPELINE = 64  # queries in flight on one TCP connection before we stop reading from it
+OUTPUT_HIGH = 64 * 1024  # answers waiting for a slow reader before we stop reading its queries
+OUTPUT_LOW = 16 * 1024
+# Input kept unprocessed at most. While answers wait for a slow reader, reading stops, so what
+# is kept is what one read delivered (256 KiB at most with uvloop and asyncio); more means the
+# stream is not DNS.
+MAX_BUFFERED = 1024 * 1024
 # A burst of queries (a lecture ends, a thousand phones wake up) must wait in the socket, not be
 # dropped by it: ask for 4 MiB (the kernel caps it at net.core.rmem_max; the default is ~200 KiB,
 # which a burst of ~300 queries fills).
@@ -27,11 +43,17 @@ UDP_BUFFER_BYTES = 4 * 1024 * 1024
 class ServerState:
     """What the listeners share: the pipeline and the tasks of queries in flight."""
 
-    def __init__(self, pipeline: Pipeline, tcp_idle_timeout: float, max_tcp: int) -> None:
+    def __init__(self, pipeline: Pipeline, tcp_idle_timeout: float, max_tcp: int,
+                 max_tcp_per_client: int = 64) -> None:
         self.pipeline = pipeline
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_tcp = max_tcp
-        self.tcp_connections: set[TcpProtocol] = set()
+        self.max_tcp_per_client = max_tcp_per_client
+        # Open TCP connections, the one idle longest first (moved to the end on activity).
+        self.tcp_connections: OrderedDict[TcpProtocol, None] = OrderedDict()
+        self.tcp_per_client: dict[str, int] = {}
+        self.tcp_refused = 0  # newcomers closed at once (per-client cap, or nothing to shed)
+        self.tcp_shed = 0  # idle connections closed to make room for a newcomer
         self.tasks: set[asyncio.Task[Any]] = set()
         self.servers: list[asyncio.Server] = []
         self.stopping = False
@@ -41,6 +63,35 @@ class ServerState:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def admit(self, connection: TcpProtocol) -> bool:
+        """Room for a new connection from this client? Sheds the longest-idle connection
+        when every slot is taken; False when the client has its share or nothing is idle."""
+        client = connection.client_ip
+        if self.tcp_per_client.get(client, 0) >= self.max_tcp_per_client:
+            self.tcp_refused += 1
+            return False
+        if len(self.tcp_connections) >= self.max_tcp:
+            for other in self.tcp_connections:  # longest idle first
+                if other.idle():
+                    other.close()
+                    self.tcp_shed += 1
+                    break
+            else:
+                self.tcp_refused += 1
+                return False
+        self.tcp_connections[connection] = None
+        self.tcp_per_client[client] = self.tcp_per_client.get(client, 0) + 1
+        return True
+
+    def release(self, connection: TcpProtocol) -> None:
+        if self.tcp_connections.pop(connection, False) is None:
+            client = connection.client_ip
+            left = self.tcp_per_client.get(client, 1) - 1
+            if left:
+                self.tcp_per_client[client] = left
+            else:
+                self.tcp_per_client.pop(client, None)
 
     def stop_accepting(self) -> None:
         """Shutdown, first step: take no new queries, keep the sockets to answer those in
@@ -100,51 +151,109 @@ class TcpProtocol(asyncio.Protocol):
         self.client_ip = ""
         self.buffer = bytearray()
         self.inflight = 0
-        self.paused = False
+        self.reading = True
+        self.writable = True  # False while the client does not read its answers
+        self.eof = False  # the client half-closed: answer what is in flight, then close
+        self.last_active = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if len(self.state.tcp_connections) >= self.state.max_tcp:
-            transport.close()  # over the cap: refuse the newcomer, keep serving the others
-            return
-        self.state.tcp_connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client_ip = client_address(peer[0]) if peer else ""
-        self._arm_idle()
+        if self.state.stopping or not self.state.admit(self):
+            self.transport = None
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=OUTPUT_HIGH, low=OUTPUT_LOW)  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        self.idle_handle = loop.call_later(self.state.tcp_idle_timeout, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state.tcp_connections.discard(self)
+        self.state.release(self)
         if self.idle_handle is not None:
             self.idle_handle.cancel()
         self.transport = None
 
-    def _arm_idle(self) -> None:
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-        self.idle_handle = asyncio.get_running_loop().call_later(
-            self.state.tcp_idle_timeout, self._idle)
+    def idle(self) -> bool:
+        return self.inflight == 0
 
-    def _idle(self) -> None:
-        if self.inflight == 0 and self.transport is not None:
+    def close(self) -> None:
+        if self.transport is not None:
             self.transport.close()
-        else:
-            self._arm_idle()
+
+    def _active(self) -> None:
+        """A complete query arrived or an answer left: the idle timer starts again, and this
+        connection moves to the back of the shedding order."""
+        self.last_active = asyncio.get_running_loop().time()
+        connections = self.state.tcp_connections
+        if self in connections:
+            connections.move_to_end(self)
+
+    def _check_idle(self) -> None:
+        """RFC 7766 §6.2.3: close a connection idle for the timeout; one with queries in
+        flight waits for them. (One timer a connection, re-armed for what is left of the
+        timeout: cheaper than a new timer per message.)"""
+        if self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = self.last_active + self.state.tcp_idle_timeout - loop.time()
+        if left <= 0 and self.inflight == 0:
+            self.transport.close()
+            return
+        self.idle_handle = loop.call_later(max(left, self.state.tcp_idle_timeout / 4),
+                                           self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        self._arm_idle()
+        self._process()
+        if len(self.buffer) > MAX_BUFFERED:
+            self.close()
+
+    def _process(self) -> None:
+        """Answer the complete frames in the buffer while the client reads its answers and
+        the pipeline has room; then read more, or stop reading until it does."""
         buffer = self.buffer
-        while len(buffer) >= 2:
+        while (self.writable and self.inflight < MAX_PIPELINE and len(buffer) >= 2
+               and self.transport is not None):
             length = (buffer[0] << 8) | buffer[1]
             if len(buffer) < 2 + length:
                 break
             message = bytes(buffer[2:2 + length])
             del buffer[:2 + length]
+            self._active()
             self._query(message)
-        if self.inflight >= MAX_PIPELINE and not self.paused and self.transport is not None:
-            self.transport.pause_reading()
-            self.paused = True
+        self._set_reading(self.writable and self.inflight < MAX_PIPELINE)
+        if self.eof and self.inflight == 0 and self.transport is not None:
+            self.transport.close()  # half-closed, and everything asked is answered
+
+    def _set_reading(self, reading: bool) -> None:
+        transport = self.transport
+        if transport is None or reading == self.reading or self.state.stopping:
+            return
+        self.reading = reading
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        self._set_reading(False)
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        self._process()
+
+    def eof_received(self) -> bool:
+        """The client half-closed: keep the connection to send the answers still owed
+        (RFC 7766 §6.2.4 lets a client send its queries and then close its side)."""
+        self.eof = True
+        if self.inflight == 0 and len(self.buffer) < 2:
+            return False  # nothing owed: let the transport close
+        self._process()
+        return True
 
     def _query(self, message: bytes) -> None:
         result = self.state.pipeline.handle(message, self.client_ip, "tcp")
@@ -164,16 +273,15 @@ class TcpProtocol(asyncio.Protocol):
             wire = await pending
         finally:
             self.inflight -= 1
-            if self.paused and self.inflight < MAX_PIPELINE // 2 and self.transport is not None:
-                self.transport.resume_reading()
-                self.paused = False
         if wire is not None:
             self._send(wire)
+        self._process()
 
     def _send(self, wire: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(struct.pack("!H", len(wire)) + wire)
+            self._active()
 
 
 def _family(host: str) -> socket.AddressFamily:
