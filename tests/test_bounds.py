@@ -295,3 +295,78 @@ async def test_tcp_half_closed_client_gets_its_answers(tmp_path: Any, upstream: 
             "a.test.", "b.a.test.", "www.tiktok.com."]
         assert await _closed_by_server(reader)
         writer.close()
+
+
+# -- per-client rate limiting ------------------------------------------------------------------
+
+def test_token_bucket_refills_at_the_rate() -> None:
+    from tiktokguard.dns.ratelimit import RateLimiter
+
+    limiter = RateLimiter(qps=10, burst=20)
+    assert sum(limiter.allow("10.0.0.1", 0.0) for _ in range(30)) == 20  # the burst
+    assert not limiter.allow("10.0.0.1", 0.05)  # half a token back
+    assert limiter.allow("10.0.0.1", 0.1)  # one token a tenth of a second
+    assert sum(limiter.allow("10.0.0.1", 100.0) for _ in range(30)) == 20  # capped at burst
+    assert limiter.allow("10.0.0.2", 100.0)  # another client has its own bucket
+
+
+def test_ipv6_clients_share_a_bucket_per_56() -> None:
+    from tiktokguard.dns.ratelimit import RateLimiter
+
+    limiter = RateLimiter(qps=1, burst=2)
+    assert limiter.allow("2001:db8:0:100::1", 0.0)
+    assert limiter.allow("2001:db8:0:1ff:abcd::2", 0.0)  # same /56
+    assert not limiter.allow("2001:db8:0:1ff::3", 0.0)
+    assert limiter.allow("2001:db8:0:200::1", 0.0)  # the next /56
+
+
+def test_a_spoofed_many_source_flood_keeps_the_table_bounded() -> None:
+    from tiktokguard.dns.ratelimit import RateLimiter
+
+    limiter = RateLimiter(qps=5, max_clients=1_000)
+    for i in range(50_000):
+        limiter.allow(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", i / 10_000)
+    assert len(limiter) == 1_000
+    assert len(limiter._keys) <= 65_536
+
+
+async def test_a_flooding_client_is_limited_and_others_are_not(tmp_path: Any,
+                                                               upstream: Any) -> None:
+    import asyncio
+    import socket
+
+    import dns.asyncquery
+    import dns.flags
+    import dns.message
+    import dns.rcode
+
+    from tests.conftest import running_daemon
+
+    extra = "[dns]\nrate_limit_qps = 20\nrate_limit_burst = 40"
+    async with running_daemon(tmp_path, [upstream.address], extra=extra) as tg:
+        loop = asyncio.get_running_loop()
+        wire = dns.message.make_query("a.test", "A").to_wire()
+        replies: list[bytes] = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.5", 0))
+            sock.setblocking(False)
+            for _ in range(200):  # a burst of 200 from one client, bounded
+                await loop.sock_sendto(sock, wire, ("127.0.0.1", tg.port))
+            async with asyncio.timeout(3):
+                while len(replies) < 200:
+                    replies.append(await loop.sock_recv(sock, 4096))
+        answers = [dns.message.from_wire(r) for r in replies]
+        ok = [a for a in answers if a.rcode() == dns.rcode.NOERROR and a.answer]
+        refused = [a for a in answers if a.rcode() == dns.rcode.REFUSED]
+        slipped = [a for a in answers if a.flags & dns.flags.TC]
+        assert 40 <= len(ok) <= 45  # the burst (and what refilled meanwhile)
+        assert abs(len(refused) - len(slipped)) <= 1 and len(ok) + len(refused) + len(
+            slipped) == 200
+        assert tg.metrics.sample("tiktokguard_dns_rate_limited_total") == 200 - len(ok)
+        # Another client is untouched, and the limited one still gets through over TCP.
+        other = await dns.asyncquery.udp(dns.message.make_query("a.test", "A"), "127.0.0.1",
+                                         port=tg.port, source="127.0.0.6", timeout=3)
+        assert other.rcode() == dns.rcode.NOERROR
+        over_tcp = await dns.asyncquery.tcp(dns.message.make_query("a.test", "A"), "127.0.0.1",
+                                            port=tg.port, source="127.0.0.5", timeout=3)
+        assert over_tcp.rcode() == dns.rcode.NOERROR and over_tcp.answer

@@ -61,6 +61,10 @@ class DnsConfig:
     speaks for a whole segment may need more)."""
     workers: int = 1
     """Processes answering DNS on the same ports (SO_REUSEPORT); more use more cores."""
+    rate_limit_qps: int = 0
+    """UDP queries a second per client address (IPv6: per /56); 0 turns the limit off."""
+    rate_limit_burst: int = 0
+    """Queries a client may send at once above the rate; 0 means twice rate_limit_qps."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +320,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "tcp_idle_timeout_ms": _int_in(100, 600_000),
         "max_tcp_connections": _int_in(1, 1_000_000),
         "max_tcp_per_client": _int_in(1, 1_000_000),
+        "rate_limit_qps": _int_in(0, 10_000_000),
+        "rate_limit_burst": _int_in(0, 10_000_000),
         "workers": _int_in(1, 64),
     }),
     "policy": (PolicyConfig, {

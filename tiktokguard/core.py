@@ -16,6 +16,7 @@ from tiktokguard.config import Config, PolicyConfig
 from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import AnswerCache
 from tiktokguard.dns.pipeline import IncidentSink, MacSource, Pipeline
+from tiktokguard.dns.ratelimit import RateLimiter
 from tiktokguard.dns.server import ServerState, start_listeners
 from tiktokguard.dns.upstream import UpstreamPool
 from tiktokguard.metrics import Metrics
@@ -83,6 +84,7 @@ class DnsCore:
         self.pool = self._make_pool(config)
         self.pipeline = Pipeline(self.engine, self.cache, self.pool, self._make_blocks(config),
                                  metrics, incidents=incidents, macs=macs, clock=clock)
+        self.pipeline.ratelimit = self._make_ratelimit(config)
         self.server = ServerState(self.pipeline, config.dns.tcp_idle_timeout_ms / 1000,
                                   config.dns.max_tcp_connections, config.dns.max_tcp_per_client)
         backend = make_backend(config.netfilter)
@@ -97,6 +99,11 @@ class DnsCore:
         stats = self.metrics.stats
         return UpstreamPool(config.dns.upstreams, config.dns.upstream_timeout_ms / 1000,
                             observe=stats.observe_upstream, count_error=stats.count_upstream_error)
+
+    @staticmethod
+    def _make_ratelimit(config: Config) -> RateLimiter | None:
+        dns = config.dns
+        return RateLimiter(dns.rate_limit_qps, dns.rate_limit_burst) if dns.rate_limit_qps else None
 
     @staticmethod
     def _make_blocks(config: Config) -> BlockAnswers:
@@ -142,6 +149,9 @@ class DnsCore:
                                                   policy.edns_mac_trusted_relays, self.devices)
         self.engine.countermeasures = policy.bypass_countermeasures
         self.pipeline.blocks = self._make_blocks(new)
+        if (new.dns.rate_limit_qps, new.dns.rate_limit_burst) != (old.dns.rate_limit_qps,
+                                                                  old.dns.rate_limit_burst):
+            self.pipeline.ratelimit = self._make_ratelimit(new)
         if (new.dns.upstreams, new.dns.upstream_timeout_ms) != (old.dns.upstreams,
                                                                 old.dns.upstream_timeout_ms):
             self.pool.close()

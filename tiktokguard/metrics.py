@@ -51,6 +51,7 @@ class QueryStats(Collector):
         self.upstream_latency_sum: dict[str, float] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self.neighbour_errors = 0
+        self.rate_limited = 0
         self.netfilter: dict[str, int] = dict.fromkeys(NETFILTER_EVENTS, 0)
         self.others: list[QueryStats] = []  # the workers' latest snapshots (main process)
 
@@ -129,6 +130,9 @@ class QueryStats(Collector):
         for (name, kind), n in sorted(stats.upstream_errors.items()):
             errors.add_metric([name, kind], n)
         yield errors
+        yield CounterMetricFamily("tiktokguard_dns_rate_limited",
+                                  "UDP queries over their client's rate limit (answered REFUSED, "
+                                  "or TC=1 every second one)", value=stats.rate_limited)
         yield CounterMetricFamily("tiktokguard_neighbour_table_errors",
                                   "Failed reads of the kernel neighbour table",
                                   value=stats.neighbour_errors)
@@ -154,7 +158,7 @@ class QueryStats(Collector):
 
 _FIELDS = ("queries", "blocked", "malformed", "cache_hits", "cache_misses", "latency",
            "latency_sum", "upstream_latency", "upstream_latency_sum", "upstream_errors",
-           "neighbour_errors", "netfilter")
+           "neighbour_errors", "rate_limited", "netfilter")
 
 
 def _add(total: QueryStats, other: QueryStats) -> None:
@@ -173,6 +177,7 @@ def _add(total: QueryStats, other: QueryStats) -> None:
     total.cache_hits += other.cache_hits
     total.cache_misses += other.cache_misses
     total.neighbour_errors += other.neighbour_errors
+    total.rate_limited += other.rate_limited
 
 
 def _buckets(counts: list[int]) -> list[tuple[str, float]]:

@@ -1,9 +1,11 @@
 """The query path: bytes in, bytes out, through stages in one order, leaving by one exit.
 
-    read → serve at all? → classify client and decide → cache → forward → finish
+    read → rate limit → serve at all? → classify client and decide → cache → forward → finish
 
 - **read**: the question and EDNS straight from the wire (dns/wire.py); what cannot be read is
   answered FORMERR/NOTIMP/BADVERS (or dropped, when it is not a query at all) and counted.
+- **rate limit** (UDP, when `dns.rate_limit_qps` is set): a client over its budget gets
+  REFUSED, or TC=1 every second time (dns/ratelimit.py); before anything else costs work.
 - **serve at all?**: what a forwarder does not pass on, whoever asks (DESIGN §5): RD=0 (no
   cache snooping), zone transfers, classes other than IN (CH `version.bind` would reveal the
   upstream's version). REFUSED.
@@ -31,6 +33,7 @@ from typing import Any, Protocol
 
 from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import SERVFAIL_TTL, AnswerCache, CacheEntry, cache_key, cache_ttl
+from tiktokguard.dns.ratelimit import RateLimiter
 from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
 from tiktokguard.dns.wire import (
     BADVERS,
@@ -53,6 +56,7 @@ from tiktokguard.dns.wire import (
     parse_query,
     response,
     strip_opt,
+    truncated_response,
 )
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
@@ -106,6 +110,7 @@ class Pipeline:
         self.clock = clock
         self.stats = metrics.stats
         self.backstop: AddressLearner | None = None
+        self.ratelimit: RateLimiter | None = None
         self._errors_logged: dict[tuple[str, str, int], float] = {}
 
     # -- read, serve at all?, decide, cache ----------------------------------------------------
@@ -128,6 +133,10 @@ class Pipeline:
         except Exception as exc:  # a bug in the reader: the packet is all we can echo
             return self._failed(None, data, transport, started, exc)
         try:
+            ratelimit = self.ratelimit
+            if (ratelimit is not None and transport == "udp"
+                    and not ratelimit.allow(client_ip, time.monotonic())):
+                return self._limited(query, ratelimit, started)
             if not query.flags & RD or query.qclass != CLASS_IN or query.qtype in _ZONE_TRANSFERS:
                 return self._refuse(query, transport, started)
             now = self.clock()
@@ -149,6 +158,15 @@ class Pipeline:
             return self._resolve(query, decision, client_ip, mac, transport, now, started)
         except Exception as exc:
             return self._failed(query, data, transport, started, exc)
+
+    def _limited(self, query: Query, ratelimit: RateLimiter, started: float) -> bytes:
+        """Over the client's rate: REFUSED, and TC=1 every second time (a real client retries
+        over TCP; a spoofed source cannot)."""
+        stats = self.stats
+        stats.rate_limited += 1
+        stats.queries["udp", Verdict.REFUSED] += 1
+        stats.observe(time.perf_counter() - started)
+        return truncated_response(query) if ratelimit.slip() else response(query, REFUSED)
 
     def _refuse(self, query: Query, transport: str, started: float) -> bytes:
         """REFUSED for what a forwarder does not pass on, whoever asks: RD=0 (cache snooping,

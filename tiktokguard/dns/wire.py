@@ -324,6 +324,12 @@ def response(query: Query, rcode: int, answers: bytes = b"", ancount: int = 0,
     return header + query.question + answers + authority + opt
 
 
+def truncated_response(query: Query) -> bytes:
+    """An empty answer with TC set: "ask again over TCP" (RFC 7766 §5; the RRL slip)."""
+    wire = response(query, NOERROR)
+    return wire[:2] + bytes([wire[2] | (TC >> 8)]) + wire[3:]
+
+
 def bare_response(query: Query, rcode: int) -> bytes:
     """Header and question only, without OPT (the form answers take in the cache)."""
     flags = _flags_for_answer(query.flags, rcode)
