@@ -16,6 +16,8 @@ Names it knows (under the zone `test.`):
   validated.test      A 192.0.2.5, with AD when the query asks (AD or DO), as a validator does
   bogus.test          CD=1: A 192.0.2.99; CD=0: SERVFAIL with EDE 6 "DNSSEC Bogus"
   mx.test             MX with 20 targets, and their A records in the additional section
+  huge*.test          TXT records of ~60 KB (over TCP; UDP answers have TC set)
+  badname.test        CNAME whose target is a compression pointer forwards: unreadable
 With hold=True, UDP replies wait until release(): queries stay in flight as long as a test wants.
 anything else: NXDOMAIN with SOA (TTL 120, minimum 60).
 """
@@ -131,6 +133,15 @@ class FakeUpstream:
             else:
                 reply.header.rcode = RCODE.SERVFAIL
                 reply.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(15, b"\x00\x06sig")]))
+        elif name.startswith("huge") and name.endswith(".test"):
+            if tcp:
+                for i in range(240):
+                    reply.add_answer(RR(query.q.qname, QTYPE.TXT, ttl=300,
+                                        rdata=TXT(f"{i:03d}" + "h" * 240)))
+            else:
+                reply.header.tc = 1
+        elif name == "badname.test":
+            reply.add_answer(RR(query.q.qname, QTYPE.CNAME, ttl=300, rdata=RD(b"\xc0\xff")))
         elif name == "mx.test":
             for i in range(20):
                 reply.add_answer(RR(query.q.qname, QTYPE.MX, ttl=300,

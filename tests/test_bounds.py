@@ -370,3 +370,89 @@ async def test_a_flooding_client_is_limited_and_others_are_not(tmp_path: Any,
         over_tcp = await dns.asyncquery.tcp(dns.message.make_query("a.test", "A"), "127.0.0.1",
                                             port=tg.port, source="127.0.0.5", timeout=3)
         assert over_tcp.rcode() == dns.rcode.NOERROR and over_tcp.answer
+
+
+# -- cache: bytes, TTLs, unreadable answers ------------------------------------------------------
+
+async def test_the_cache_is_bounded_in_bytes(tmp_path: Any, upstream: Any) -> None:
+    import dns.asyncquery
+    import dns.message
+
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address],
+                              extra=f"[dns]\ncache_max_bytes = {1024 * 1024}") as tg:
+        for i in range(40):  # 40 answers of ~60 KB each: 2.4 MB of answers
+            q = dns.message.make_query(f"huge{i}.test", "TXT")
+            reply = await dns.asyncquery.tcp(q, "127.0.0.1", port=tg.port, source="127.0.1.5",
+                                             timeout=3)
+            assert len(reply.answer[0]) == 240
+        cache = tg.daemon.cache
+        assert cache.bytes <= 1024 * 1024
+        assert 0 < len(cache) < 40  # the least recently used went first
+
+
+def test_cache_entries_are_weighed_by_their_size() -> None:
+    from tiktokguard.dns.cache import AnswerCache, CacheEntry
+
+    cache = AnswerCache(max_entries=1000, max_bytes=100_000)
+    for i in range(100):
+        cache.put((b"\x01a\x00", i, 1, False, 0), CacheEntry(b"x" * 10_000, (), 0.0, 60.0, 12))
+    assert cache.bytes <= 100_000 and len(cache) == 4
+    cache.resize(1000, 50_000)
+    assert cache.bytes <= 50_000 and len(cache) == 2
+    cache.clear()
+    assert cache.bytes == 0
+
+
+async def test_upstream_ttls_are_capped(tmp_path: Any, upstream: Any) -> None:
+    import dns.asyncquery
+    import dns.message
+
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address]) as tg:
+        # The fake says 1 000 000 s for this AAAA; nobody may keep it more than a day.
+        q = dns.message.make_query("x.tiktokv.com", "AAAA")
+        reply = await dns.asyncquery.udp(q, "127.0.0.1", port=tg.port, source="127.0.1.5",
+                                         timeout=3)
+        assert reply.answer and reply.answer[0].ttl == 86_400
+        again = await dns.asyncquery.udp(q, "127.0.0.1", port=tg.port, source="127.0.1.6",
+                                         timeout=3)
+        assert again.answer[0].ttl <= 86_400
+
+
+def test_negative_answers_are_cached_an_hour_at_most() -> None:
+    import dns.message
+    import dns.rrset
+
+    from tiktokguard.dns.cache import cache_ttl
+    from tiktokguard.dns.wire import index_response
+
+    q = dns.message.make_query("nx.example", "A")
+    r = dns.message.make_response(q)
+    r.set_rcode(3)
+    r.authority.append(dns.rrset.from_text(
+        "example.", 86_400, "IN", "SOA", "ns.example. h.example. 1 3600 600 864000 86400"))
+    index = index_response(r.to_wire())
+    assert cache_ttl(index) == 3_600
+    assert cache_ttl(index, max_negative_ttl=600) == 600
+
+
+async def test_an_unreadable_upstream_answer_fails_closed(tmp_path: Any, upstream: Any) -> None:
+    import dns.asyncquery
+    import dns.message
+    import dns.rcode
+
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address]) as tg:
+        for source in ("127.0.0.5", "127.0.1.5"):  # managed, then unmanaged
+            reply = await dns.asyncquery.udp(dns.message.make_query("badname.test", "A"),
+                                             "127.0.0.1", port=tg.port, source=source,
+                                             timeout=3)
+            assert reply.rcode() == dns.rcode.SERVFAIL and not reply.answer
+        assert tg.metrics.sample("tiktokguard_upstream_errors_total",
+                                 upstream=upstream.address, kind="malformed") == 2
+        assert tg.metrics.sample("tiktokguard_dns_queries_total", transport="udp",
+                                 decision="error") == 2

@@ -51,6 +51,12 @@ class DnsConfig:
     """Clients we answer at all; anyone else gets REFUSED (no open resolver)."""
     cache_size: int = 100_000
     """Most answers kept in the cache (least recently used go first)."""
+    cache_max_bytes: int = 128 * 1024 * 1024
+    """Memory the cached answers may take at most (a 64 KiB TCP answer counts as such)."""
+    max_ttl: int = 86_400
+    """No answer is cached, nor handed to clients, with a TTL above this (seconds)."""
+    max_negative_ttl: int = 3_600
+    """Negative answers (NXDOMAIN, NODATA) are cached this long at most (RFC 2308 §5)."""
     tcp_idle_timeout_ms: int = 10_000
     """A TCP connection with no complete query or answer for this long is closed (RFC 7766
     §6.2.3)."""
@@ -317,6 +323,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
         "upstream_timeout_ms": _int_in(10, 60_000),
         "allow_clients": _list_of(parse_network),
         "cache_size": _int_in(0, 10_000_000),
+        "cache_max_bytes": _int_in(1024 * 1024, 64 * 1024 ** 3),
+        "max_ttl": _int_in(1, 7 * 86_400),
+        "max_negative_ttl": _int_in(0, 86_400),
         "tcp_idle_timeout_ms": _int_in(100, 600_000),
         "max_tcp_connections": _int_in(1, 1_000_000),
         "max_tcp_per_client": _int_in(1, 1_000_000),

@@ -80,11 +80,13 @@ class DnsCore:
         self.metrics = metrics
         self.devices = devices
         self.engine = build_engine(config, devices)  # raises ListError before binding
-        self.cache = AnswerCache(config.dns.cache_size)
+        self.cache = AnswerCache(config.dns.cache_size, config.dns.cache_max_bytes)
         self.pool = self._make_pool(config)
         self.pipeline = Pipeline(self.engine, self.cache, self.pool, self._make_blocks(config),
                                  metrics, incidents=incidents, macs=macs, clock=clock)
         self.pipeline.ratelimit = self._make_ratelimit(config)
+        self.pipeline.max_ttl = config.dns.max_ttl
+        self.pipeline.max_negative_ttl = config.dns.max_negative_ttl
         self.server = ServerState(self.pipeline, config.dns.tcp_idle_timeout_ms / 1000,
                                   config.dns.max_tcp_connections, config.dns.max_tcp_per_client)
         backend = make_backend(config.netfilter)
@@ -156,7 +158,9 @@ class DnsCore:
                                                                 old.dns.upstream_timeout_ms):
             self.pool.close()
             self.pool = self.pipeline.pool = self._make_pool(new)
-        self.cache.resize(new.dns.cache_size)
+        self.cache.resize(new.dns.cache_size, new.dns.cache_max_bytes)
+        self.pipeline.max_ttl, self.pipeline.max_negative_ttl = (new.dns.max_ttl,
+                                                                 new.dns.max_negative_ttl)
         self.server.tcp_idle_timeout = new.dns.tcp_idle_timeout_ms / 1000
         self.server.max_tcp = new.dns.max_tcp_connections
         self.server.max_tcp_per_client = new.dns.max_tcp_per_client

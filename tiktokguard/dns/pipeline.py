@@ -32,7 +32,16 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from tiktokguard.dns.answers import BlockAnswers
-from tiktokguard.dns.cache import SERVFAIL_TTL, AnswerCache, CacheEntry, cache_key, cache_ttl
+from tiktokguard.dns.cache import (
+    MAX_NEGATIVE_TTL,
+    MAX_TTL,
+    SERVFAIL_TTL,
+    AnswerCache,
+    CacheEntry,
+    cache_key,
+    cache_ttl,
+    cap_ttls,
+)
 from tiktokguard.dns.ratelimit import RateLimiter
 from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
 from tiktokguard.dns.wire import (
@@ -111,6 +120,8 @@ class Pipeline:
         self.stats = metrics.stats
         self.backstop: AddressLearner | None = None
         self.ratelimit: RateLimiter | None = None
+        self.max_ttl = MAX_TTL
+        self.max_negative_ttl = MAX_NEGATIVE_TTL
         self._errors_logged: dict[tuple[str, str, int], float] = {}
 
     # -- read, serve at all?, decide, cache ----------------------------------------------------
@@ -258,11 +269,19 @@ class Pipeline:
                                    transport, now, started)
             now = self.clock()
             wire, index = strip_opt(reply.wire, reply.index)
-            # CNAME inspection (DESIGN §2). An answer whose names cannot be read raises here
-            # and is answered SERVFAIL below: for a managed client that is failing closed.
-            chain_rule = (self.engine.chain_rule(chain_names(wire, index)) if index.other_names
-                          else None)
-            entry = CacheEntry(wire, index.ttl_offsets, now, now + cache_ttl(index),
+            try:
+                # CNAME inspection (DESIGN §2) reads every owner and CNAME/DNAME target.
+                chain_rule = (self.engine.chain_rule(chain_names(wire, index))
+                              if index.other_names else None)
+            except ValueError:
+                # A name that cannot be read: nobody gets the answer (for a managed client,
+                # this is failing closed), and the upstream is said to have sent junk.
+                self.stats.count_upstream_error(reply.upstream.name, "malformed")
+                return self.finish(query, self._error(decision), response(query, SERVFAIL),
+                                   client_ip, mac, transport, now, started)
+            wire = cap_ttls(wire, index.ttl_offsets, self.max_ttl)
+            entry = CacheEntry(wire, index.ttl_offsets, now,
+                               now + cache_ttl(index, self.max_ttl, self.max_negative_ttl),
                                index.question_end, chain_rule, index.additional_at, index.ede,
                                index.rcode == SERVFAIL)
             self.cache.put(cache_key(query), entry)
