@@ -456,3 +456,128 @@ async def test_an_unreadable_upstream_answer_fails_closed(tmp_path: Any, upstrea
                                  upstream=upstream.address, kind="malformed") == 2
         assert tg.metrics.sample("tiktokguard_dns_queries_total", transport="udp",
                                  decision="error") == 2
+
+
+# -- the HTTP API ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b"[" * 30_000 + b"]" * 30_000, None),  # nested past the parser's recursion, < 64 KiB
+    (b'{"name": ' + b"9" * 5000 + b"}", None),  # an integer over 4300 digits
+    (b'{"name": "\\ud800", "addresses": ["127.0.0.20"], "custodian": "c", "supervisor": "s",'
+     b' "ticket": "t"}', "name"),  # a lone surrogate
+    ('{"name": "phone \u202egnp.exe", "addresses": ["127.0.0.20"], "custodian": "c", '
+     '"supervisor": "s", "ticket": "t"}'.encode(), "name"),  # a bidi override
+    ('{"name": "phone", "addresses": ["127.0.0.20"], "custodian": "c\u0085c", '
+     '"supervisor": "s", "ticket": "t"}'.encode(), "custodian"),  # a C1 control
+    (b'{"name": "phone", "addresses": ["127.0.0.20"], "custodian": "c", "supervisor": "s",'
+     b' "ticket": "t", "expires_at": "9999-12-31T23:59:59-23:59"}', "expires_at"),
+])
+async def test_bad_api_input_is_a_400(tmp_path: Any, upstream: Any, body: bytes,
+                                      field: str | None) -> None:
+    import aiohttp
+
+    from tests.conftest import running_daemon
+    from tests.test_api import ADMIN, TOKENS
+
+    headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
+    async with running_daemon(tmp_path, [upstream.address], extra=TOKENS, http=True) as tg, \
+            aiohttp.ClientSession() as http, \
+            http.post(f"http://127.0.0.1:{tg.http_port}/api/v1/devices", data=body,
+                      headers=headers) as response:
+        assert response.status == 400, await response.text()
+        assert (await response.json())["field"] == field
+
+
+async def test_extreme_since_is_a_400_for_a_viewer(tmp_path: Any, upstream: Any) -> None:
+    import aiohttp
+
+    from tests.conftest import running_daemon
+    from tests.test_api import TOKENS, VIEWER
+
+    async with running_daemon(tmp_path, [upstream.address], extra=TOKENS, http=True) as tg, \
+            aiohttp.ClientSession() as http:
+        for since in ("0001-01-01T00:00:00%2B23:59", "9999-12-31T23:59:59-23:59"):
+            async with http.get(f"http://127.0.0.1:{tg.http_port}/api/v1/audit?since={since}",
+                                headers={"Authorization": f"Bearer {VIEWER}"}) as response:
+                assert response.status == 400
+                assert (await response.json())["field"] == "since"
+
+
+async def test_metrics_are_rendered_at_most_once_a_second_and_never_stale(
+        tmp_path: Any, upstream: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import time
+
+    import aiohttp
+    import dns.asyncquery
+    import dns.message
+
+    import tiktokguard.api.app as app_module
+    from tests.conftest import running_daemon
+
+    renders = [0]
+    real = app_module.generate_latest
+
+    def counting(registry: Any) -> bytes:
+        renders[0] += 1
+        return real(registry)
+
+    monkeypatch.setattr(app_module, "generate_latest", counting)
+    async with running_daemon(tmp_path, [upstream.address], http=True) as tg, \
+            aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{tg.http_port}/metrics"
+
+        async def scrape() -> str:
+            async with http.get(url) as response:
+                assert response.status == 200
+                return await response.text()
+
+        started = time.monotonic()
+        pages = await asyncio.gather(*(scrape() for _ in range(50)))  # a scraper storm
+        elapsed = time.monotonic() - started
+        assert len(pages) == 50 and renders[0] <= 1 + int(elapsed)  # once a second at most
+        await dns.asyncquery.udp(dns.message.make_query("www.tiktok.com", "A"), "127.0.0.1",
+                                 port=tg.port, source="127.0.0.5", timeout=3)
+        before = renders[0]
+        page = await scrape()  # within the second: waits for the next rendering
+        assert renders[0] == before + 1
+        assert 'tiktokguard_dns_queries_total{decision="blocked",transport="udp"} 1.0' in page
+
+
+async def test_api_connections_are_capped_and_slow_headers_time_out(
+        tmp_path: Any, upstream: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import contextlib
+
+    import aiohttp
+    import dns.asyncquery
+    import dns.message
+    import dns.rcode
+
+    import tiktokguard.api.server as server_module
+    from tests.conftest import running_daemon
+
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 20)
+    monkeypatch.setattr(server_module, "HEADER_SECONDS", 1.0)
+    async with running_daemon(tmp_path, [upstream.address], http=True) as tg:
+        slow = []
+        for _ in range(30):  # headers begun, never finished
+            reader, writer = await asyncio.open_connection("127.0.0.1", tg.http_port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: tiktokguard\r\n")
+            slow.append((reader, writer))
+        # Ten over the cap are closed at once; DNS does not notice any of it.
+        reply = await dns.asyncquery.udp(dns.message.make_query("a.test", "A"), "127.0.0.1",
+                                         port=tg.port, source="127.0.0.5", timeout=3)
+        assert reply.rcode() == dns.rcode.NOERROR
+        # All thirty are closed by the server: at once, or at the header deadline (bounded).
+        async with asyncio.timeout(5):
+            for reader, _writer in slow:
+                # (closed with our half-sent header unread: a reset, closed all the same)
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read() == b""
+        assert tg.metrics.sample("tiktokguard_api_connections_refused_total") == 10
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{tg.http_port}/healthz") as response:
+            assert response.status == 200  # room again for a real client
+        for _reader, writer in slow:
+            writer.close()

@@ -15,10 +15,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from tiktokguard.api.app import make_app
 from tiktokguard.api.auth import TokenTable, ensure_tokens
+from tiktokguard.api.server import ApiServer
 from tiktokguard.config import Config, ConfigError, Overrides, load_config
 from tiktokguard.core import DnsCore, build_engine, list_paths, list_stamp
 from tiktokguard.devices.service import DeviceService
@@ -118,15 +117,11 @@ class Daemon:
         stack.push_async_callback(self.workers.stop)
         await self.workers.start()
         if self.config.http.listen is not None:
-            runner = web.AppRunner(make_app(self), access_log=None)
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            address = self.config.http.listen
-            try:
-                await web.TCPSite(runner, address.host, address.port).start()
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {address} (http): "
-                                         f"{exc.strerror}") from None
+            # Its own thread and loop: no HTTP client can delay DNS (api/server.py).
+            api = ApiServer(make_app(self), self.config.http.listen,
+                            on_refused=self.metrics.api_connections_refused.inc)
+            await api.start()
+            stack.push_async_callback(api.stop)
         await self._task(stack, self._watch_lists())
         interval = self.notifier.watchdog_interval()
         if interval is not None:

@@ -194,6 +194,9 @@ class Metrics:
         self.stats = QueryStats()
         r.register(self.stats)
         self.incidents = Counter("tiktokguard_incidents", "Incidents opened", registry=r)
+        self.api_connections_refused = Counter(
+            "tiktokguard_api_connections_refused", "HTTP connections closed at once: the API "
+            "had its maximum open", registry=r)
         self.incidents_overflow = Counter(
             "tiktokguard_incidents_overflow", "Blocked queries of a new (client, rule) that found "
             "the open-incident table full (summed into incident_storm events)", registry=r)

@@ -6,6 +6,7 @@ Errors are JSON `{"error", "field"}`: 400 bad input, 401 no or unknown token, 40
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import time
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tiktokguard.api.auth import role_allows
 from tiktokguard.api.openapi import openapi_document, query_parameters
+from tiktokguard.api.server import dispatch
 from tiktokguard.devices.model import ValidationError, format_time, parse_time
 from tiktokguard.devices.service import Conflict, NotFound
 from tiktokguard.logs import get_logger
@@ -26,8 +28,10 @@ if TYPE_CHECKING:
     from tiktokguard.daemon import Daemon
 
 DAEMON = web.AppKey("daemon", "Daemon")
+METRICS_PAGE = web.AppKey("metrics_page", "MetricsPage")
 ACTOR = web.RequestKey("actor", str)
 MAX_BODY = 64 * 1024
+METRICS_INTERVAL = 1.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _ROLE: dict[Handler, str | None] = {}
 _QUERY = query_parameters()
@@ -76,8 +80,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
                 if name not in allowed:
                     # A typo in a script (?devce_id=) must not silently list everything.
                     raise ValidationError(name, f"unknown query parameter {name!r}")
-        response = await handler(request)
-        return response
+        return await dispatch(request, handler)
     except ValidationError as exc:
         return error(400, exc.message, exc.field)
     except NotFound as exc:
@@ -103,11 +106,13 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
 async def _body(request: web.Request) -> Any:
     if request.content_type != "application/json":
         raise ValidationError(None, "expected Content-Type: application/json")
+    raw = await request.read()
     try:
-        raw = await request.read()
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, over 4300 digits
         raise ValidationError(None, f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise ValidationError(None, "invalid JSON: nested too deeply") from None
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -150,10 +155,38 @@ async def metrics(request: web.Request) -> web.Response:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or daemon.tokens.authenticate(token.strip()) is None:
             return error(401, "metrics need a viewer token ([http] metrics_token = true)")
-    await daemon.workers.report()  # every DNS process's counts, as of now
-    daemon.refresh_gauges()
-    body = generate_latest(daemon.metrics.registry)
+    body = await request.app[METRICS_PAGE].render(daemon)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class MetricsPage:
+    """The metrics page, rendered at most once every METRICS_INTERVAL seconds however often
+    it is asked for, and never stale: a request that comes sooner waits for the next rendering,
+    and every request waiting then shares it. A scraper in a loop costs the main loop one
+    rendering a second, not one a request."""
+
+    def __init__(self) -> None:
+        self.rendered_at = float("-inf")
+        self.pending: asyncio.Task[bytes] | None = None
+
+    async def render(self, daemon: Daemon) -> bytes:
+        # A task of its own: a client that goes away cancels its wait, not the rendering.
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = asyncio.get_running_loop().create_task(self._render(daemon))
+        return await asyncio.shield(pending)
+
+    async def _render(self, daemon: Daemon) -> bytes:
+        try:
+            wait = self.rendered_at + METRICS_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await daemon.workers.report()  # every DNS process's counts, as of now
+            daemon.refresh_gauges()
+            return generate_latest(daemon.metrics.registry)
+        finally:
+            self.rendered_at = time.monotonic()
+            self.pending = None
 
 
 @needs(None)
@@ -288,6 +321,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
 def make_app(daemon: Daemon) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_and_auth])
     app[DAEMON] = daemon
+    app[METRICS_PAGE] = MetricsPage()
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app

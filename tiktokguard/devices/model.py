@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ from tiktokguard.policy.clients import Device, IPNetwork, normalise_mac
 TEXT_FIELDS = ("name", "custodian", "supervisor", "ticket", "location")
 REQUIRED_TEXT = ("name", "custodian", "supervisor", "ticket")
 MAX_TEXT = 200
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs"})
 MAX_ITEMS = 64
 EDITABLE = (*TEXT_FIELDS, "addresses", "macs", "expires_at", "active")
 
@@ -55,9 +57,13 @@ def parse_time(value: Any, field: str) -> datetime | None:
     if text[17:19] == "60":  # a leap second: Python's datetime has none; a second early is fine
         text = text[:17] + "59" + text[19:]
     try:
-        return datetime.fromisoformat(text)
+        parsed = datetime.fromisoformat(text)
+        parsed.astimezone(UTC)  # 9999-12-31T23:59:59-23:59 is past year 9999 in UTC
     except ValueError as exc:
         raise ValidationError(field, f"invalid time: {exc}") from None
+    except OverflowError:
+        raise ValidationError(field, "time out of range (years 0001-9999 in UTC)") from None
+    return parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +120,11 @@ def _text(body: dict[str, Any], field: str, required: bool) -> str:
         raise ValidationError(field, "must not be empty")
     if len(value) > MAX_TEXT:
         raise ValidationError(field, f"longer than {MAX_TEXT} characters")
-    if any(ord(ch) < 0x20 for ch in value):
-        raise ValidationError(field, "control characters are not allowed")
+    if any(unicodedata.category(ch) in _UNPRINTABLE for ch in value):
+        # Control characters (C0, DEL, C1), invisible format characters (bidi overrides such
+        # as U+202E, which make a name read differently in a terminal or a ticket) and lone
+        # surrogates (which no UTF-8 output can carry).
+        raise ValidationError(field, "control, format and surrogate characters are not allowed")
     return value
 
 
