@@ -581,3 +581,13 @@ async def test_api_connections_are_capped_and_slow_headers_time_out(
             assert response.status == 200  # room again for a real client
         for _reader, writer in slow:
             writer.close()
+
+
+def test_devices_listing_escapes_what_a_terminal_would_obey() -> None:
+    from tiktokguard.devices.cli import _details, _table
+
+    row = {"id": "dev-1", "name": "phone \u202egnp.exe", "addresses": ["10.0.0.1"],
+           "macs": [], "custodian": "c\x1b[2J", "active": True}
+    for text in (_table([row]), _details(row, [])):
+        assert "\u202e" not in text and "\x1b" not in text
+        assert "\\u202e" in text and "\\u001b" in text

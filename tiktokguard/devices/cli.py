@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,21 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def printable(text: str) -> str:
+    """Text as a terminal may show it: control, format (bidi) and surrogate characters as
+    \\uXXXX escapes. The API rejects them now; records stored before may still have them, and
+    a U+202E in a device name must not make a listing read otherwise than it is."""
+    return "".join(ch if unicodedata.category(ch) not in ("Cc", "Cf", "Cs")
+                   else f"\\u{ord(ch):04x}" for ch in text)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, list):
-            return ",".join(value) or "-"
+            return printable(",".join(value)) or "-"
         if value is None:
             return "-"
-        return str(value)
+        return printable(str(value))
     grid = [list(TABLE_COLUMNS)] + [[cell(r.get(c)) for c in TABLE_COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in grid) for i in range(len(TABLE_COLUMNS))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
@@ -92,12 +101,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _details(device: dict[str, Any], audit: list[dict[str, Any]]) -> str:
-    lines = [f"{key:11} {', '.join(v) if isinstance(v, list) else v}"
+    lines = [f"{key:11} {printable(', '.join(v) if isinstance(v, list) else str(v))}"
              for key, v in device.items()]
     lines.append("")
     lines.append("audit:")
     for entry in audit:
-        lines.append(f"  {entry['at']}  {entry['actor']:12} {entry['action']}")
+        lines.append(f"  {entry['at']}  {printable(entry['actor']):12} {entry['action']}")
     return "\n".join(lines)
 
 

@@ -130,7 +130,10 @@ class SqliteStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        # WAL + FULL: a change the API has answered 2xx for survives a power loss too (NORMAL
+        # only survives a crash of the process). Measured: +0.3 ms per transaction, in the
+        # store's own thread (bench: 0.28 -> 0.58 ms for a batch of 20 incidents).
+        db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=5000")
         version = db.execute("PRAGMA user_version").fetchone()[0]
