@@ -106,7 +106,10 @@ class CacheEntry:
             start = 12 + len(query.question) + self.additional_at - self.question_end
             if start + len(opt) <= limit:
                 count = _U16.unpack_from(self.wire, 10)[0]
-                end, kept = additional_that_fits(out, start, count, limit - len(opt))
+                try:
+                    end, kept = additional_that_fits(out, start, count, limit - len(opt))
+                except ValueError:  # an owner name it cannot follow: no guessing, TC
+                    return truncate_for_udp(query, out)
                 return (out[:10] + _U16.pack(kept + (1 if opt else 0)) + out[12:end] + opt)
         return truncate_for_udp(query, out)
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
@@ -166,9 +167,9 @@ class TcpProtocol(asyncio.Protocol):
             transport.close()
             return
         transport.set_write_buffer_limits(high=OUTPUT_HIGH, low=OUTPUT_LOW)  # type: ignore[attr-defined]
-        loop = asyncio.get_running_loop()
-        self.last_active = loop.time()
-        self.idle_handle = loop.call_later(self.state.tcp_idle_timeout, self._check_idle)
+        self.last_active = time.monotonic()
+        self.idle_handle = asyncio.get_running_loop().call_later(self.state.tcp_idle_timeout,
+                                                                 self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.release(self)
@@ -186,7 +187,7 @@ class TcpProtocol(asyncio.Protocol):
     def _active(self) -> None:
         """A complete query arrived or an answer left: the idle timer starts again, and this
         connection moves to the back of the shedding order."""
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = time.monotonic()  # (the clock of loop.time(), in asyncio and uvloop)
         connections = self.state.tcp_connections
         if self in connections:
             connections.move_to_end(self)
@@ -197,13 +198,12 @@ class TcpProtocol(asyncio.Protocol):
         timeout: cheaper than a new timer per message.)"""
         if self.transport is None:
             return
-        loop = asyncio.get_running_loop()
-        left = self.last_active + self.state.tcp_idle_timeout - loop.time()
+        left = self.last_active + self.state.tcp_idle_timeout - time.monotonic()
         if left <= 0 and self.inflight == 0:
             self.transport.close()
             return
-        self.idle_handle = loop.call_later(max(left, self.state.tcp_idle_timeout / 4),
-                                           self._check_idle)
+        self.idle_handle = asyncio.get_running_loop().call_later(
+            max(left, self.state.tcp_idle_timeout / 4), self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

@@ -463,6 +463,8 @@ def index_response(wire: bytes) -> RecordIndex:
             if rtype == TYPE_OPT:
                 if opt_span is not None:
                     raise ValueError("two OPT records")
+                if index < before_additional:  # RFC 6891 §6.1.1
+                    raise ValueError("OPT record outside the additional section")
                 opt_span = (start, end)
                 ede = _ede_options(wire, rdata, end)
             else:
