@@ -591,3 +591,41 @@ def test_devices_listing_escapes_what_a_terminal_would_obey() -> None:
     for text in (_table([row]), _details(row, [])):
         assert "\u202e" not in text and "\x1b" not in text
         assert "\\u202e" in text and "\\u001b" in text
+
+
+async def test_an_upstream_failing_every_name_is_answered_and_kept(tmp_path: Any,
+                                                                   upstream: Any) -> None:
+    import asyncio
+
+    import dns.asyncquery
+    import dns.message
+    import dns.rcode
+
+    from tests.conftest import running_daemon
+
+    upstream.servfail_all = True
+    async with running_daemon(tmp_path, [upstream.address]) as tg:
+        async def ask(i: int) -> int:
+            q = dns.message.make_query(f"n{i}.lame.test", "A")
+            reply = await dns.asyncquery.udp(q, "127.0.0.1", port=tg.port,
+                                             source=f"127.0.1.{i % 200 + 1}", timeout=5)
+            return reply.rcode()
+
+        rcodes = []
+        for start in range(0, 1_100, 100):  # past the ~1 030 failures that overflowed before
+            rcodes += await asyncio.gather(*(ask(i) for i in range(start, start + 100)))
+        assert rcodes == [dns.rcode.SERVFAIL] * 1_100  # every one answered
+        state = tg.daemon.pool.upstreams[0]
+        assert state.failures == 0 and state.down_until == 0.0  # it answered: not set aside
+        assert tg.metrics.sample("tiktokguard_upstream_errors_total", upstream=upstream.address,
+                                 kind="servfail") == 1_100
+
+
+async def test_the_store_syncs_every_commit(tmp_path: Any) -> None:
+    from tiktokguard.devices.store import SqliteStore
+
+    store = await SqliteStore.open(tmp_path / "s.sqlite3")
+    try:
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        await store.close()
