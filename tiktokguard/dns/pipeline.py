@@ -69,7 +69,7 @@ from tiktokguard.dns.wire import (
 )
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
-from tiktokguard.policy.clients import mac_to_text
+from tiktokguard.policy.clients import ClientClass, mac_to_text
 from tiktokguard.policy.engine import Decision, PolicyEngine, Verdict
 
 log = get_logger()
@@ -78,6 +78,10 @@ _ZONE_TRANSFERS = (TYPE_AXFR, TYPE_IXFR)
 ERROR_LOG_INTERVAL = 60.0  # an unexpected failure's traceback, at most once a minute per cause
 ERROR_CAUSES_KEPT = 256
 _NOT_AUTHORITATIVE = (20, "")
+# Decisions for what leaves before the policy is asked: not served at all (rate limit, RD=0,
+# zone transfers, other classes), and queries that could not be read.
+_NOT_SERVED = Decision(Verdict.REFUSED, ClientClass.REFUSED)
+_MALFORMED = Decision(Verdict.ERROR, ClientClass.REFUSED)
 
 
 class IncidentSink(Protocol):
@@ -128,7 +132,8 @@ class Pipeline:
 
     def handle(self, data: bytes, client_ip: str, transport: str) -> Result:
         """The answer to one query: bytes now, None to send nothing (a counted drop), or a
-        coroutine to await. client_ip is normalised by the listener (policy.clients.client_ip)."""
+        coroutine to await. client_ip is normalised by the listener
+        (policy.clients.client_address)."""
         started = time.perf_counter()
         try:
             query = parse_query(data)
@@ -138,18 +143,17 @@ class Pipeline:
         except QueryError as err:
             reason = {NOTIMP: "notimp", BADVERS: "badvers"}.get(err.rcode, "formerr")
             self.stats.malformed[reason] += 1
-            self.stats.queries[transport, Verdict.ERROR] += 1
-            self.stats.observe(time.perf_counter() - started)
-            return error_response(err)
+            return self.finish(err.query, _MALFORMED, error_response(err), client_ip, None,
+                               transport, 0.0, started)
         except Exception as exc:  # a bug in the reader: the packet is all we can echo
             return self._failed(None, data, transport, started, exc)
         try:
             ratelimit = self.ratelimit
             if (ratelimit is not None and transport == "udp"
                     and not ratelimit.allow(client_ip, time.monotonic())):
-                return self._limited(query, ratelimit, started)
+                return self._limited(query, ratelimit, client_ip, started)
             if not query.flags & RD or query.qclass != CLASS_IN or query.qtype in _ZONE_TRANSFERS:
-                return self._refuse(query, transport, started)
+                return self._refuse(query, client_ip, transport, started)
             now = self.clock()
             mac = (None if query.mac is None and not self.engine.classifier.devices.has_macs
                    else self._mac(query, client_ip))
@@ -170,23 +174,21 @@ class Pipeline:
         except Exception as exc:
             return self._failed(query, data, transport, started, exc)
 
-    def _limited(self, query: Query, ratelimit: RateLimiter, started: float) -> bytes:
+    def _limited(self, query: Query, ratelimit: RateLimiter, client_ip: str,
+                 started: float) -> bytes:
         """Over the client's rate: REFUSED, and TC=1 every second time (a real client retries
         over TCP; a spoofed source cannot)."""
-        stats = self.stats
-        stats.rate_limited += 1
-        stats.queries["udp", Verdict.REFUSED] += 1
-        stats.observe(time.perf_counter() - started)
-        return truncated_response(query) if ratelimit.slip() else response(query, REFUSED)
+        self.stats.rate_limited += 1
+        wire = truncated_response(query) if ratelimit.slip() else response(query, REFUSED)
+        return self.finish(query, _NOT_SERVED, wire, client_ip, None, "udp", 0.0, started)
 
-    def _refuse(self, query: Query, transport: str, started: float) -> bytes:
+    def _refuse(self, query: Query, client_ip: str, transport: str, started: float) -> bytes:
         """REFUSED for what a forwarder does not pass on, whoever asks: RD=0 (cache snooping,
         refused as unbound's default access control does; it must neither reach the upstream
         nor leave a negative entry for RD=1 clients), AXFR/IXFR, and classes other than IN."""
-        self.stats.queries[transport, Verdict.REFUSED] += 1
-        self.stats.observe(time.perf_counter() - started)
         # RFC 8914 §4.21: EDE 20 "Not Authoritative" is for exactly this (unbound sends it too).
-        return response(query, REFUSED, ede=_NOT_AUTHORITATIVE if not query.flags & RD else None)
+        wire = response(query, REFUSED, ede=_NOT_AUTHORITATIVE if not query.flags & RD else None)
+        return self.finish(query, _NOT_SERVED, wire, client_ip, None, transport, 0.0, started)
 
     def _resolve(self, query: Query, decision: Decision, client_ip: str, mac: str | None,
                  transport: str, now: float, started: float) -> bytes | Coroutine[Any, Any, bytes]:
@@ -300,7 +302,7 @@ class Pipeline:
 
     # -- finish: the one exit -----------------------------------------------------------------
 
-    def finish(self, query: Query, decision: Decision, wire: bytes, client_ip: str,
+    def finish(self, query: Query | None, decision: Decision, wire: bytes, client_ip: str,
                mac: str | None, transport: str, now: float, started: float) -> bytes:
         """Record what happened to the query, from its decision alone, and hand back its answer.
         Incidents and the backstop only note the event here; their work happens elsewhere."""
@@ -311,7 +313,7 @@ class Pipeline:
             rule = decision.rule or ""
             blocked = stats.blocked
             blocked[rule] = blocked.get(rule, 0) + 1
-            if decision.countermeasure_rcode is None:
+            if decision.countermeasure_rcode is None and query is not None:
                 if self.incidents is not None:
                     self.incidents.blocked(client_ip, mac, query, rule, now)
                 if self.backstop is not None:
