@@ -284,7 +284,8 @@ class Pipeline:
             wire = cap_ttls(wire, index.ttl_offsets, self.max_ttl)
             entry = CacheEntry(wire, index.ttl_offsets, now,
                                now + cache_ttl(index, self.max_ttl, self.max_negative_ttl),
-                               index.question_end, chain_rule, index.additional_at, index.ede,
+                               index.question_end, chain_rule,
+                               index.additional_at if index.arcount else 0, index.ede,
                                index.rcode == SERVFAIL)
             self.cache.put(cache_key(query), entry)
             if self.backstop is not None and (decision.rule is not None or chain_rule is not None):
