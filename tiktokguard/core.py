@@ -23,7 +23,7 @@ from tiktokguard.metrics import Metrics
 from tiktokguard.netfilter import Backstop, make_backend
 from tiktokguard.policy.clients import ClientClassifier, DeviceIndex
 from tiktokguard.policy.domains import DomainMatcher, ListError, load_lists
-from tiktokguard.policy.engine import PolicyEngine
+from tiktokguard.policy.engine import COUNTERMEASURES, PolicyEngine
 
 # Settings bound at start: a reload that changes them says so, and they change on restart.
 RESTART_KEYS = ("dns.listen", "dns.workers", "http.listen", "state.dir",
@@ -80,6 +80,7 @@ class DnsCore:
         self.metrics = metrics
         self.devices = devices
         self.engine = build_engine(config, devices)  # raises ListError before binding
+        self._declare_rules()
         self.cache = AnswerCache(config.dns.cache_size, config.dns.cache_max_bytes)
         self.pool = self._make_pool(config)
         self.pipeline = Pipeline(self.engine, self.cache, self.pool, self._make_blocks(config),
@@ -97,8 +98,16 @@ class DnsCore:
         self.list_error: str | None = None
         self.list_stamp = list_stamp(list_paths(config.policy))
 
+    def _declare_rules(self) -> None:
+        engine = self.engine
+        rules = list(engine.matcher.rules.values()) + list(COUNTERMEASURES)
+        if engine.doh is not None:
+            rules += engine.doh.rules.values()
+        self.metrics.stats.declare_rules(rules)
+
     def _make_pool(self, config: Config) -> UpstreamPool:
         stats = self.metrics.stats
+        stats.declare_upstreams(str(u) for u in config.dns.upstreams)
         return UpstreamPool(config.dns.upstreams, config.dns.upstream_timeout_ms / 1000,
                             observe=stats.observe_upstream, count_error=stats.count_upstream_error)
 
@@ -182,6 +191,7 @@ class DnsCore:
             raise
         self.engine.matcher = matcher
         self.engine.doh = doh
+        self._declare_rules()
         # Cached answers remember which blocked name they lead to (CNAME inspection); with new
         # lists that may have changed.
         self.cache.clear()

@@ -100,6 +100,7 @@ class Daemon:
         await self.devices_service.load()
         await self._load_tokens()
         self.incidents.store = store
+        await self.incidents.restore_from_store()  # no duplicate incident after a restart
         await self._task(stack, self.incidents.run())
         await self._task(stack, self.incidents.webhook_worker())
         await self._task(stack, self._watch_expiry())

@@ -185,6 +185,32 @@ class IncidentAggregator:
                 return
             del open_[key]
 
+    def restore(self, rows: list[dict[str, Any]], now: float) -> int:
+        """Incidents from the store whose window is still open at now, back in the table, so
+        that a restart does not open a second incident for the same (client, rule) inside the
+        window (they are neither logged nor posted again). Returns how many."""
+        restored = 0
+        for row in sorted(rows, key=lambda r: r["first_seen"]):
+            first = datetime.fromisoformat(row["first_seen"]).timestamp()
+            if now - first >= self.window or len(self.open) >= self.max_open:
+                continue
+            key = (row["client_ip"], row["rule"])
+            self.open.pop(key, None)
+            self.open[key] = Incident(
+                row["incident_id"], row["client_ip"], row["client_mac"], row["name"],
+                row["rule"], row["qtype"], int(row["count"]), first,
+                datetime.fromisoformat(row["last_seen"]).timestamp(), row.get("device_name"))
+            restored += 1
+        return restored
+
+    async def restore_from_store(self) -> int:
+        if self.store is None:
+            return 0
+        now = self.clock()
+        rows = await self.store.incidents(rfc3339(now - self.window), None, None,
+                                          self.max_open, 0)
+        return self.restore(rows, now)
+
     def _storm_event(self, now: float) -> dict[str, Any] | None:
         """One `incident_storm` event a window at most, while new incidents find the table
         full: how many blocked queries went untracked, since when, and under which rules."""

@@ -15,16 +15,26 @@ from __future__ import annotations
 
 import bisect
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from tiktokguard.policy.engine import Verdict
 
 TRANSPORTS = ("udp", "tcp")
+# Every value a labelled counter can take is exported from the start at 0, so that the first
+# event shows in increase()/rate() (a series born at its full count shows nothing).
+UPSTREAM_ERROR_KINDS = ("timeout", "unreachable", "tcp", "mismatch", "malformed", "servfail",
+                        "refused")
+WEBHOOK_DROP_REASONS = ("queue_full", "unreachable", "http_4xx", "http_5xx")
 MALFORMED_REASONS = ("short", "formerr", "notimp", "badvers")
 NETFILTER_EVENTS = ("added", "refreshed", "expired", "errors", "shadow_resolved",
                     "shadow_skipped")
@@ -40,7 +50,7 @@ class QueryStats(Collector):
 
     def __init__(self) -> None:
         self.queries: dict[tuple[str, str], int] = {
-            (t, v): 0 for t in TRANSPORTS for v in Verdict.ALL}
+            (t, v): 0 for t in TRANSPORTS for v in (*Verdict.ALL, Verdict.MALFORMED)}
         self.blocked: dict[str, int] = {}
         self.malformed: dict[str, int] = dict.fromkeys(MALFORMED_REASONS, 0)
         self.cache_hits = 0
@@ -50,6 +60,8 @@ class QueryStats(Collector):
         self.upstream_latency: dict[str, list[int]] = {}
         self.upstream_latency_sum: dict[str, float] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
+        # The last 8 exchanges per upstream as bits (1: a usable answer), for the `up` gauge.
+        self.upstream_recent: dict[str, int] = {}
         self.neighbour_errors = 0
         self.rate_limited = 0
         self.netfilter: dict[str, int] = dict.fromkeys(NETFILTER_EVENTS, 0)
@@ -60,6 +72,9 @@ class QueryStats(Collector):
         self.latency_sum += seconds
 
     def observe_upstream(self, upstream: str, seconds: float) -> None:
+        """A usable answer, and how long it took."""
+        self.upstream_recent[upstream] = ((self.upstream_recent.get(upstream, 0xFF) << 1)
+                                          | 1) & 0xFF
         counts = self.upstream_latency.get(upstream)
         if counts is None:
             counts = self.upstream_latency[upstream] = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -67,7 +82,27 @@ class QueryStats(Collector):
         counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.upstream_latency_sum[upstream] += seconds
 
+    def declare_rules(self, rules: Iterable[str]) -> None:
+        """Every rule in force has its `blocked{rule}` series from the start, at 0. Rules of
+        earlier lists stay (a counter must not vanish on a reload)."""
+        blocked = self.blocked
+        for rule in rules:
+            if rule not in blocked:
+                blocked[rule] = 0
+
+    def declare_upstreams(self, upstreams: Iterable[str]) -> None:
+        """Each upstream's error kinds and latency histogram, at 0 from the start."""
+        for name in upstreams:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.setdefault((name, kind), 0)
+            self.upstream_recent.setdefault(name, 0xFF)
+            if name not in self.upstream_latency:
+                self.upstream_latency[name] = [0] * (len(LATENCY_BUCKETS) + 1)
+                self.upstream_latency_sum[name] = 0.0
+
     def count_upstream_error(self, upstream: str, kind: str) -> None:
+        """A failed exchange, or an answer that was no use (SERVFAIL, REFUSED)."""
+        self.upstream_recent[upstream] = (self.upstream_recent.get(upstream, 0xFF) << 1) & 0xFF
         key = (upstream, kind)
         self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
 
@@ -100,7 +135,8 @@ class QueryStats(Collector):
         queries = CounterMetricFamily("tiktokguard_dns_queries", "DNS queries by transport and "
                                       "decision", labels=["transport", "decision"])
         for (transport, verdict), n in stats.queries.items():
-            queries.add_metric([transport, verdict], n)
+            if verdict != Verdict.MALFORMED:
+                queries.add_metric([transport, verdict], n)
         yield queries
         blocked = CounterMetricFamily("tiktokguard_dns_blocked",
                                       "Blocked queries by the matching rule", labels=["rule"])
@@ -125,6 +161,12 @@ class QueryStats(Collector):
         for name, counts in sorted(stats.upstream_latency.items()):
             upstream.add_metric([name], _buckets(counts), stats.upstream_latency_sum[name])
         yield upstream
+        up = GaugeMetricFamily("tiktokguard_upstream_up", "1 when at least one of the upstream's "
+                               "last 8 exchanges gave a usable answer (not a timeout, network "
+                               "error, REFUSED or SERVFAIL)", labels=["upstream"])
+        for name, recent in sorted(stats.upstream_recent.items()):
+            up.add_metric([name], 1 if recent else 0)
+        yield up
         errors = CounterMetricFamily("tiktokguard_upstream_errors", "Failed upstream exchanges",
                                      labels=["upstream", "kind"])
         for (name, kind), n in sorted(stats.upstream_errors.items()):
@@ -158,6 +200,7 @@ class QueryStats(Collector):
 
 _FIELDS = ("queries", "blocked", "malformed", "cache_hits", "cache_misses", "latency",
            "latency_sum", "upstream_latency", "upstream_latency_sum", "upstream_errors",
+           "upstream_recent",
            "neighbour_errors", "rate_limited", "netfilter")
 
 
@@ -174,6 +217,8 @@ def _add(total: QueryStats, other: QueryStats) -> None:
     for i, n in enumerate(other.latency):
         total.latency[i] += n
     total.latency_sum += other.latency_sum
+    for name, recent in other.upstream_recent.items():  # up where any process sees it up
+        total.upstream_recent[name] = total.upstream_recent.get(name, 0) | recent
     total.cache_hits += other.cache_hits
     total.cache_misses += other.cache_misses
     total.neighbour_errors += other.neighbour_errors
@@ -217,6 +262,8 @@ class Metrics:
                                     "Incidents delivered to the webhook", registry=r)
         self.webhook_dropped = Counter("tiktokguard_incident_webhook_dropped",
                                        "Incidents the webhook never got", ["reason"], registry=r)
+        for reason in WEBHOOK_DROP_REASONS:
+            self.webhook_dropped.labels(reason)
 
     def sample(self, name: str, **labels: str) -> float:
         """The current value of one sample (0 when absent): for tests and the CLI."""

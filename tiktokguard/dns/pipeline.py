@@ -81,7 +81,7 @@ _NOT_AUTHORITATIVE = (20, "")
 # Decisions for what leaves before the policy is asked: not served at all (rate limit, RD=0,
 # zone transfers, other classes), and queries that could not be read.
 _NOT_SERVED = Decision(Verdict.REFUSED, ClientClass.REFUSED)
-_MALFORMED = Decision(Verdict.ERROR, ClientClass.REFUSED)
+_MALFORMED = Decision(Verdict.MALFORMED, ClientClass.REFUSED)
 
 
 class IncidentSink(Protocol):

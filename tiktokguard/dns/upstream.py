@@ -194,7 +194,6 @@ class UpstreamPool:
                 last = exc
                 continue
             now = self._clock()
-            self._observe(upstream.name, now - started)
             # It answered, so it is alive, whatever it answered: a SERVFAIL or REFUSED for one
             # name (a lame delegation, a bogus signature, RD=0) is not held against its health,
             # or any client could make us set a healthy upstream aside.
@@ -203,15 +202,19 @@ class UpstreamPool:
             upstream.last_success = now
             rcode = reply.index.rcode
             if rcode == SERVFAIL and reply.index.dnssec_failure:
+                self._observe(upstream.name, now - started)
                 return reply  # validation failed: another validating upstream would agree
             if rcode in (SERVFAIL, REFUSED):
                 # This upstream could not answer; another may (failover on SERVFAIL, DESIGN §3).
+                # Not usable, so no latency sample (a refusing upstream is fast) and a bad mark
+                # in the `up` gauge's window.
                 kind = "servfail" if rcode == SERVFAIL else "refused"
                 self._count_error(upstream.name, kind)
                 last = UpstreamError(kind)
                 if rcode == SERVFAIL:
                     servfail = reply
                 continue
+            self._observe(upstream.name, now - started)
             return reply
         if servfail is not None:
             return servfail  # the upstream's own SERVFAIL, with its EDE, is the truest answer

@@ -26,6 +26,9 @@ class Verdict:
     REFUSED = "refused"
     ERROR = "error"
     ALL = (ALLOWED, BLOCKED, ALLOWLISTED, UNMANAGED, REFUSED, ERROR)
+    # A query that could not be read: counted by reason in tiktokguard_malformed_queries_total
+    # only, not as a decision (junk from one client must not look like SERVFAILs we gave).
+    MALFORMED = "malformed"
 
 
 # DESIGN §2 bypass countermeasures, by exact name: what each is answered with, and why.
