@@ -86,3 +86,14 @@ def test_promtool_accepts_alerts_and_dashboard_queries(tmp_path: Path) -> None:
     result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed "
+                    "(apt-get install prometheus; CI does)")
+def test_alerts_fire_for_their_failures_and_not_for_look_alikes() -> None:
+    """dashboards/alerts_test.yml: synthetic series for each alert's failure and look-alikes
+    (one of two upstreams down, a malformed flood, a stopped instance, a steady block rate)."""
+    result = subprocess.run(["promtool", "test", "rules", "alerts_test.yml"],
+                            cwd=ALERTS.parent, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
