@@ -1,4 +1,4 @@
-"""The code base stays ruff-clean: part of the test command, so CI and developers see it alike."""
+"""The code base stays ruff- and mypy-clean: part of the test command, as CI runs it."""
 
 from __future__ import annotations
 
@@ -19,4 +19,14 @@ def test_ruff_clean() -> None:
         pytest.skip("ruff is not installed (pip install -e '.[test]' brings it)")
     result = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True,
                             text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_clean() -> None:
+    """mypy over tiktokguard/ with the settings in pyproject.toml ([tool.mypy])."""
+    if shutil.which("mypy", path=str(Path(sys.executable).parent)) is None and \
+            shutil.which("mypy") is None:
+        pytest.skip("mypy is not installed (pip install -e '.[test]' brings it)")
+    result = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

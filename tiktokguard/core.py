@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from tiktokguard.config import Config, PolicyConfig
 from tiktokguard.dns.answers import BlockAnswers
@@ -149,12 +150,12 @@ class DnsCore:
         keys (RESTART_KEYS) whose change waits for a restart."""
         old = self.config
         needs_restart = [key for key in RESTART_KEYS if _setting(old, key) != _setting(new, key)]
+        kept_netfilter: dict[str, Any] = {key.split(".")[1]: _setting(old, key)
+                                          for key in RESTART_KEYS if key.startswith("netfilter.")}
         new = replace(new, dns=replace(new.dns, listen=old.dns.listen, workers=old.dns.workers),
                       http=replace(new.http, listen=old.http.listen), state=old.state,
                       policy=replace(new.policy, neighbour_table=old.policy.neighbour_table),
-                      netfilter=replace(new.netfilter, **{
-                          key.split(".")[1]: _setting(old, key)
-                          for key in RESTART_KEYS if key.startswith("netfilter.")}))
+                      netfilter=replace(new.netfilter, **kept_netfilter))
         policy = new.policy
         self.engine.classifier = ClientClassifier(new.dns.allow_clients, policy.managed_networks,
                                                   policy.edns_mac_trusted_relays, self.devices)

@@ -29,4 +29,4 @@ def configure(json: bool | None = None, level: int = logging.INFO) -> None:
 
 
 def get_logger(name: str = "tiktokguard") -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.get_logger(name)

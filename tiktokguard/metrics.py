@@ -226,7 +226,8 @@ def _add(total: QueryStats, other: QueryStats) -> None:
 
 
 def _buckets(counts: list[int]) -> list[tuple[str, float]]:
-    cumulative, out = 0, []
+    cumulative = 0
+    out: list[tuple[str, float]] = []
     for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
         cumulative += n
         out.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))

@@ -122,7 +122,7 @@ class NftablesSets:
         self.exempt_names = {"ipv4_addr": config.exempt_v4, "ipv6_addr": config.exempt_v6,
                              "ether_addr": config.exempt_mac}
 
-    def _nft(self):  # type: ignore[no-untyped-def]
+    def _nft(self) -> Any:
         from pyroute2.nftables.main import NFTables
 
         return NFTables(nfgen_family=NFPROTO_INET)  # one table for IPv4 and IPv6
@@ -240,7 +240,7 @@ def _nft_classes() -> tuple[type, type]:
     fifth of a second to import, and only the netfilter backends need it)."""
     from pyroute2.nftables.main import NFTSet, NFTSetElem
 
-    class IntervalSet(NFTSet):  # type: ignore[misc]
+    class IntervalSet(NFTSet):
         """pyroute2's NFTSet has no interval flag; CIDR exemptions need it."""
 
         def as_netlink(self) -> dict[str, Any]:
@@ -248,7 +248,7 @@ def _nft_classes() -> tuple[type, type]:
             attrs["NFTA_SET_FLAGS"] = set(attrs["NFTA_SET_FLAGS"]) | {"NFT_SET_INTERVAL"}
             return attrs
 
-    class IntervalEnd(NFTSetElem):  # type: ignore[misc]
+    class IntervalEnd(NFTSetElem):
         """The element that closes an interval (NFT_SET_ELEM_INTERVAL_END)."""
 
         def as_netlink(self, modifier: Any) -> dict[str, Any]:

@@ -26,9 +26,14 @@ from tiktokguard.policy.clients import normalise_mac
 
 if TYPE_CHECKING:
     from tiktokguard.daemon import Daemon
+    from tiktokguard.devices.service import DeviceService
+    from tiktokguard.devices.store import Store
 
-DAEMON = web.AppKey("daemon", "Daemon")
-METRICS_PAGE = web.AppKey("metrics_page", "MetricsPage")
+# Typed keys for what the handlers use (the store and the device service exist before the API
+# starts, so they are never None here).
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+DEVICES: web.AppKey[DeviceService] = web.AppKey("devices")
+STORE: web.AppKey[Store] = web.AppKey("store")
 ACTOR = web.RequestKey("actor", str)
 MAX_BODY = 64 * 1024
 METRICS_INTERVAL = 1.0
@@ -56,7 +61,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
     actor = None
     try:
         route_handler = request.match_info.route.handler
-        needed = _ROLE.get(route_handler)  # type: ignore[arg-type]
+        needed = _ROLE.get(route_handler)
         if needed is not None:
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
@@ -189,6 +194,9 @@ class MetricsPage:
             self.pending = None
 
 
+METRICS_PAGE = web.AppKey("metrics_page", MetricsPage)
+
+
 @needs(None)
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
@@ -203,20 +211,20 @@ async def list_devices(request: web.Request) -> web.Response:
     if active_text not in (None, "true", "false"):
         raise ValidationError("active", "expected true or false")
     active = None if active_text is None else active_text == "true"
-    service = request.app[DAEMON].devices_service
+    service = request.app[DEVICES]
     records = service.list(active)
     return web.json_response({"devices": [r.to_json() for r in records]})
 
 
 @needs("viewer")
 async def get_device(request: web.Request) -> web.Response:
-    service = request.app[DAEMON].devices_service
+    service = request.app[DEVICES]
     return web.json_response(service.get(request.match_info["id"]).to_json())
 
 
 @needs("admin")
 async def create_device(request: web.Request) -> web.Response:
-    service = request.app[DAEMON].devices_service
+    service = request.app[DEVICES]
     record = await service.create(await _body(request), request[ACTOR])
     return web.json_response(record.to_json(), status=201,
                              headers={"Location": f"/api/v1/devices/{record.id}"})
@@ -224,7 +232,7 @@ async def create_device(request: web.Request) -> web.Response:
 
 @needs("admin")
 async def update_device(request: web.Request) -> web.Response:
-    service = request.app[DAEMON].devices_service
+    service = request.app[DEVICES]
     record = await service.update(request.match_info["id"], await _body(request),
                                   request[ACTOR])
     return web.json_response(record.to_json())
@@ -232,14 +240,14 @@ async def update_device(request: web.Request) -> web.Response:
 
 @needs("admin")
 async def deactivate_device(request: web.Request) -> web.Response:
-    service = request.app[DAEMON].devices_service
+    service = request.app[DEVICES]
     record = await service.deactivate(request.match_info["id"], request[ACTOR])
     return web.json_response(record.to_json())
 
 
 @needs("viewer")
 async def audit(request: web.Request) -> web.Response:
-    store = request.app[DAEMON].store
+    store = request.app[STORE]
     entries = await store.audit(request.query.get("device_id"), _since(request),
                                 _int_param(request, "limit", 100, 1, 1000),
                                 _int_param(request, "offset", 0, 0, 10**9))
@@ -251,7 +259,7 @@ async def incidents(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     await daemon.workers.report()  # blocked queries the worker processes have not sent yet
     await daemon.incidents.flush()
-    rows = await daemon.store.incidents(_since(request), request.query.get("client"),
+    rows = await request.app[STORE].incidents(_since(request), request.query.get("client"),
                                         request.query.get("rule"),
                                         _int_param(request, "limit", 100, 1, 1000),
                                         _int_param(request, "offset", 0, 0, 10**9))
@@ -320,7 +328,11 @@ ROUTES: list[tuple[str, str, Handler]] = [
 
 def make_app(daemon: Daemon) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_and_auth])
+    if daemon.devices_service is None or daemon.store is None:
+        raise RuntimeError("the API needs the store and the device service: start them first")
     app[DAEMON] = daemon
+    app[DEVICES] = daemon.devices_service
+    app[STORE] = daemon.store
     app[METRICS_PAGE] = MetricsPage()
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)

@@ -144,7 +144,7 @@ _PAGING = [
     {"name": "since", "in": "query", "schema": _TIME_IN},
 ]
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-_VIEW = [{"bearer": []}]
+_VIEW: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def query_parameters() -> dict[tuple[str, str], frozenset[str]]:

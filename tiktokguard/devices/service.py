@@ -9,6 +9,7 @@ write see the same state.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -132,7 +133,7 @@ class DeviceService:
             after = apply_patch(before, {"active": False}, now)
             return await self._commit(after, self._audit(actor, "deactivate", before, after, now))
 
-    async def audit_expiries(self) -> list[DeviceRecord]:
+    async def audit_expiries(self) -> builtins.list[DeviceRecord]:
         """Audit, once, each active device whose expires_at has passed. The index already stops
         exempting it at that moment (expiry is checked per query); this only documents it."""
         now = self.clock()

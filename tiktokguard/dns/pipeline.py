@@ -191,7 +191,8 @@ class Pipeline:
         return self.finish(query, _NOT_SERVED, wire, client_ip, None, transport, 0.0, started)
 
     def _resolve(self, query: Query, decision: Decision, client_ip: str, mac: str | None,
-                 transport: str, now: float, started: float) -> bytes | Coroutine[Any, Any, bytes]:
+                 transport: str, now: float, started: float
+                 ) -> bytes | Coroutine[Any, Any, bytes | None]:
         """A query the policy lets through: from the cache, or from the upstreams."""
         entry = self.cache.get((query.qname, query.qtype, query.qclass, query.do,
                                 query.flags & CD), now)  # (cache_key, inline)
@@ -224,7 +225,7 @@ class Pipeline:
                 and macs.unknown(client_ip))
 
     async def _decide_after_learning(self, query: Query, client_ip: str, transport: str,
-                                     now: float, started: float) -> bytes:
+                                     now: float, started: float) -> bytes | None:
         """A managed client we are about to block, whose MAC we have not seen: it may be a
         social media device that just joined. Read the neighbour table once more (bounded)
         before deciding, so the device does not get a block answer it would cache."""
@@ -253,7 +254,7 @@ class Pipeline:
     # -- forward ------------------------------------------------------------------------------
 
     async def _forward(self, query: Query, decision: Decision, client_ip: str, mac: str | None,
-                       transport: str, started: float) -> bytes:
+                       transport: str, started: float) -> bytes | None:
         try:
             try:
                 reply = await self.pool.resolve(query.qname, query.qtype, query.qclass,
