@@ -335,3 +335,22 @@ async def test_upstream_up_tells_a_refusing_upstream_from_a_working_one(
         upstream.servfail_all = False
         await tg.ask("ok.a.test", source=UNMANAGED)
         assert value("tiktokguard_upstream_up", labels) == 1
+
+
+async def test_incidents_since_includes_the_same_second(tmp_path: Path,
+                                                        upstream: FakeUpstream) -> None:
+    import aiohttp
+
+    from tests.test_api import TOKENS, VIEWER
+
+    at = 1_800_000_000.004  # an incident opened 4 ms into a second
+    async with running_daemon(tmp_path, [upstream.address], extra=TOKENS, http=True,
+                              clock=lambda: at) as tg, aiohttp.ClientSession() as http:
+        await tg.ask("www.tiktok.com")
+        headers = {"Authorization": f"Bearer {VIEWER}"}
+        base = f"http://127.0.0.1:{tg.http_port}/api/v1/incidents?since="
+        for since, expected in (("2027-01-15T08:00:00Z", 1), ("2027-01-15T08:00:00.004Z", 1),
+                                ("2027-01-15T08:00:00.005Z", 0), ("2027-01-15T08:00:01Z", 0)):
+            async with http.get(base + since, headers=headers) as response:
+                assert response.status == 200
+                assert len((await response.json())["incidents"]) == expected, since

@@ -21,6 +21,7 @@ from tiktokguard.api.openapi import openapi_document, query_parameters
 from tiktokguard.api.server import dispatch
 from tiktokguard.devices.model import ValidationError, format_time, parse_time
 from tiktokguard.devices.service import Conflict, NotFound
+from tiktokguard.incidents import rfc3339
 from tiktokguard.logs import get_logger
 from tiktokguard.policy.clients import normalise_mac
 
@@ -129,11 +130,16 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return int(text)
 
 
-def _since(request: web.Request) -> str | None:
+def _since(request: web.Request, millis: bool = False) -> str | None:
+    """`since` in the form the table stores its times in, since the store compares them as
+    text: audit entries to the second, incidents to the millisecond ("...54.004Z" sorts
+    before "...54Z", so a seconds-form bound would drop incidents of that very second)."""
     text = request.query.get("since")
     if text is None:
         return None
-    return format_time(parse_time(text, "since"))
+    value = parse_time(text, "since")
+    assert value is not None
+    return rfc3339(value.timestamp()) if millis else format_time(value)
 
 
 # -- open ------------------------------------------------------------------------------------------
@@ -259,10 +265,11 @@ async def incidents(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     await daemon.workers.report()  # blocked queries the worker processes have not sent yet
     await daemon.incidents.flush()
-    rows = await request.app[STORE].incidents(_since(request), request.query.get("client"),
-                                        request.query.get("rule"),
-                                        _int_param(request, "limit", 100, 1, 1000),
-                                        _int_param(request, "offset", 0, 0, 10**9))
+    rows = await request.app[STORE].incidents(_since(request, millis=True),
+                                              request.query.get("client"),
+                                              request.query.get("rule"),
+                                              _int_param(request, "limit", 100, 1, 1000),
+                                              _int_param(request, "offset", 0, 0, 10**9))
     return web.json_response({"incidents": rows})
 
 
