@@ -190,3 +190,22 @@ async def test_check_knows_the_allowlisted_devices(tmp_path: Path) -> None:
     other = run_cli("check", "www.tiktok.com", "--client", "127.0.0.21", "--state-dir",
                     str(tmp_path / "state"))
     assert other.returncode == 1 and other.stdout.startswith("blocked")
+
+
+def test_a_newer_schema_exits_2_with_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    from tests.fakes import free_port
+
+    state = tmp_path / "state"
+    state.mkdir()
+    with sqlite3.connect(state / "tiktokguard.sqlite3") as db:
+        db.execute("PRAGMA user_version = 999")
+    result = run_cli("serve", "--state-dir", str(state), "--upstream", "127.0.0.1:9",
+                     "--dns-listen", f"127.0.0.1:{free_port()}",
+                     "--http-listen", f"127.0.0.1:{free_port()}", cwd=tmp_path)
+    # 2: the unit's RestartPreventExitStatus, so systemd does not restart it in a loop.
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "schema version 999 is newer" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

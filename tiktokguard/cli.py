@@ -109,6 +109,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tiktokguard import logs
     from tiktokguard.daemon import Daemon
+    from tiktokguard.devices.store import SchemaTooNew
 
     overrides = Overrides(dns_listen=tuple(args.dns_listen), http_listen=args.http_listen,
                           upstreams=tuple(args.upstream), state_dir=args.state_dir)
@@ -131,6 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runner(daemon.run())
     except OSError as exc:
         return _fail(str(exc.strerror or exc))
+    except SchemaTooNew as exc:  # one line, and an exit status systemd does not restart
+        return _fail(str(exc))
     except KeyboardInterrupt:
         pass
     return EXIT_OK

@@ -91,6 +91,11 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+class SchemaTooNew(Exception):
+    """The state database was written by a newer tiktokguard: refuse to touch it. The daemon
+    exits 2 (the unit's RestartPreventExitStatus), not 1: restarting cannot help."""
+
+
 def _row_to_record(row: sqlite3.Row) -> DeviceRecord:
     return DeviceRecord(
         id=row["id"], name=row["name"], addresses=tuple(json.loads(row["addresses"])),
@@ -138,7 +143,7 @@ class SqliteStore:
         db.execute("PRAGMA busy_timeout=5000")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
-            raise RuntimeError(f"{self.path}: schema version {version} is newer than this "
+            raise SchemaTooNew(f"{self.path}: schema version {version} is newer than this "
                                f"tiktokguard knows ({len(MIGRATIONS)}); upgrade tiktokguard")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             db.execute("BEGIN IMMEDIATE")
@@ -299,4 +304,4 @@ class SqliteStore:
         self._executor.shutdown(wait=True)
 
 
-__all__ = ["MIGRATIONS", "SqliteStore", "Store", "format_time"]
+__all__ = ["MIGRATIONS", "SchemaTooNew", "SqliteStore", "Store", "format_time"]
