@@ -467,3 +467,20 @@ async def test_sighup_writes_everything_again_when_the_backend_cannot_tell(
         assert await tg.daemon.reload("SIGHUP")  # what `systemctl reload` does
         again = await asyncio.wait_for(recorder.added.get(), 10)
         assert [a for a, _t in again] == ["192.0.2.66"]
+
+
+async def test_names_blocked_before_the_backstop_is_ready_are_learned_when_it_is(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    recorder = Recorder()
+    recorder.unavailable = True  # (as at start, before the first check, or without the sets)
+    async with with_recorder(tmp_path, upstream, recorder) as tg:
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None and not backstop.ready
+        assert (await tg.ask("api.tiktokv.com")).rcode() == 3  # blocked at once all the same
+        assert list(backstop.early) == [b"\x03api\x07tiktokv\x03com\x00"]
+        recorder.unavailable = False
+        await backstop.check_sets()
+        await asyncio.gather(*backstop.shadow_tasks)
+        v4, v6 = await written(tg, recorder)
+        assert v4 == [("192.0.2.66", 60)] and v6 == [("2001:db8::66", 3600)]
+        assert backstop.early == {}

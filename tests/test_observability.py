@@ -252,10 +252,21 @@ async def test_readyz_fails_when_all_upstreams_fail(tmp_path: Path) -> None:
             url = f"http://127.0.0.1:{tg.http_port}/readyz"
             async with session.get(url) as response:
                 assert response.status == 200  # nothing has failed yet
+                body = await response.json()
+                assert set(body["components"]) == {"listeners", "lists", "store", "upstreams",
+                                                   "workers"}
+                assert all(c["ready"] for c in body["components"].values())
             await tg.ask("a.test", wait=3)
             async with session.get(url) as response:
+                # Started a moment ago: one failure is not "no answer for 30 s".
+                assert response.status == 200
+            tg.daemon.pool.created -= 60  # as if it had been up for a minute, never answered
+            async with session.get(url) as response:
                 body = await response.json()
-                assert response.status == 503 and "no upstream" in body["problems"][0]
+                assert response.status == 503
+                assert body["problems"] == ["upstreams: no upstream has answered for 30 s "
+                                            "while queries were failing"]
+                assert body["components"]["upstreams"]["ready"] is False
     finally:
         dead.close()
 

@@ -281,19 +281,32 @@ class Daemon:
 
     # -- status -------------------------------------------------------------------------------
 
+    def readiness(self) -> dict[str, tuple[bool, str]]:
+        """Each component by name: (ready, state). Ready only when every one is."""
+        components: dict[str, tuple[bool, str]] = {
+            "listeners": (True, "bound") if self.core.listeners else (False, "not bound"),
+            "lists": ((False, f"last reload failed: {self.list_error}") if self.list_error
+                      else (True, f"{len(self.engine.matcher)} rules")),
+            "store": (True, "open") if self.store is not None else (False, "not open"),
+            "upstreams": ((False, f"no upstream has answered for {UPSTREAM_READY_WINDOW:g} s "
+                                  "while queries were failing")
+                          if self.pool.failing_since(time.monotonic(), UPSTREAM_READY_WINDOW)
+                          else (True, "answering")),
+        }
+        running = len(self.workers.workers) + 1
+        components["workers"] = (running >= self.config.dns.workers,
+                                 f"{running} of {self.config.dns.workers} DNS processes running")
+        backstop = self.core.backstop
+        if backstop is not None:
+            # Not ready until its first check; a backend found unavailable is said, but does not
+            # take DNS out of service (DNS blocking does not depend on it).
+            components["backstop"] = (
+                (False, "starting") if not backstop.started.is_set()
+                else (True, "ready") if backstop.ready else (True, "unavailable, retrying"))
+        return components
+
     def readiness_problems(self) -> list[str]:
-        problems = []
-        if not self.core.listeners:
-            problems.append("DNS listeners not bound")
-        if self.list_error:
-            problems.append(f"last list reload failed: {self.list_error}")
-        if self.pool.failing_since(time.monotonic(), UPSTREAM_READY_WINDOW):
-            problems.append(f"no upstream has answered for {UPSTREAM_READY_WINDOW:g} s "
-                            "while queries were failing")
-        if len(self.workers.workers) < self.config.dns.workers - 1:
-            problems.append(f"{len(self.workers.workers) + 1} of {self.config.dns.workers} DNS "
-                            "processes running")
-        return problems
+        return [f"{name}: {state}" for name, (ok, state) in self.readiness().items() if not ok]
 
     def status_line(self) -> str:
         return (f"serving: {len(self.engine.matcher)} rules, "

@@ -45,6 +45,7 @@ from tiktokguard.policy.domains import DomainMatcher
 FLUSH_SECONDS = 0.5
 CHECK_SECONDS = 10.0  # the sets checked (there? made anew?) and failures retried this often
 MAX_PENDING = 65_536  # addresses waiting for a write, at most (a backend down for long)
+EARLY_NAMES = 1000  # names blocked before the backend was ready, kept to learn later
 SHADOW_CONCURRENCY = 16
 log = get_logger("tiktokguard.netfilter")
 
@@ -412,6 +413,9 @@ class Backstop:
         self.pending: dict[str, int] = {}  # address → timeout, waiting for the next write
         self.expires: dict[str, float] = {}  # what we believe the kernel holds, and until when
         self.shadowed: dict[bytes, float] = {}  # names resolved recently (no need to again)
+        # Names blocked before the backend was ready (at start, or while it is unavailable):
+        # learned once it is, instead of being lost. Bounded.
+        self.early: dict[bytes, None] = {}
         self.tokens = float(config.shadow_per_second)
         self.last_refill = clock()
         self.shadow_tasks: set[asyncio.Task[None]] = set()
@@ -440,8 +444,12 @@ class Backstop:
 
     def blocked(self, qname: bytes) -> None:
         """A managed client was blocked for qname: resolve it ourselves, in the background."""
-        if not self.config.shadow_resolution or not self.ready:
-            return  # (nowhere to put the addresses while the backend is unavailable)
+        if not self.config.shadow_resolution:
+            return
+        if not self.ready:  # nowhere to put the addresses yet: remember the name (bounded)
+            if len(self.early) < EARLY_NAMES:
+                self.early[qname] = None
+            return
         now = self.clock()
         if self.shadowed.get(qname, 0.0) > now:
             return
@@ -541,6 +549,9 @@ class Backstop:
             self.exempt_written = None  # unknown (ipset) or gone: write the exemptions again
         self.generation = generation
         self.ready = True
+        early, self.early = self.early, {}
+        for qname in early:  # blocked while we were not ready: learn them now
+            self.blocked(qname)
         if recreated:
             now = self.clock()
             for address, until in self.expires.items():

@@ -152,10 +152,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 @needs(None)
 async def readyz(request: web.Request) -> web.Response:
-    problems = request.app[DAEMON].readiness_problems()
+    daemon = request.app[DAEMON]
+    components = {name: {"ready": ok, "state": state}
+                  for name, (ok, state) in daemon.readiness().items()}
+    problems = daemon.readiness_problems()
     if problems:
-        return web.json_response({"status": "not ready", "problems": problems}, status=503)
-    return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "problems": problems,
+                                  "components": components}, status=503)
+    return web.json_response({"status": "ready", "components": components})
 
 
 @needs(None)

@@ -143,6 +143,7 @@ class UpstreamPool:
         self._count_error = count_error or (lambda name, kind: None)
         self._clock = clock
         self._inflight: dict[tuple[bytes, int, int, int, bool], asyncio.Future[UpstreamReply]] = {}
+        self.created = clock()  # "no answer for N s" counts from here, not from clock zero
 
     def ordered(self, now: float) -> list[Upstream]:
         """Healthy upstreams in configured order, then those backing off (soonest back first)."""
@@ -155,6 +156,7 @@ class UpstreamPool:
         """True when upstream exchanges have failed and none succeeded for `window` seconds:
         all upstreams are down, as far as the queries tell (no probes are sent)."""
         success = max((u.last_success for u in self.upstreams), default=0.0)
+        success = max(success, self.created)
         failure = max((u.last_failure for u in self.upstreams), default=0.0)
         return failure > success and now - success > window and now - failure < window
 
