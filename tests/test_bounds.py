@@ -334,6 +334,7 @@ async def test_a_flooding_client_is_limited_and_others_are_not(tmp_path: Any,
                                                                upstream: Any) -> None:
     import asyncio
     import socket
+    import time
 
     import dns.asyncquery
     import dns.flags
@@ -350,16 +351,19 @@ async def test_a_flooding_client_is_limited_and_others_are_not(tmp_path: Any,
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind(("127.0.0.5", 0))
             sock.setblocking(False)
+            started = time.monotonic()
             for _ in range(200):  # a burst of 200 from one client, bounded
                 await loop.sock_sendto(sock, wire, ("127.0.0.1", tg.port))
             async with asyncio.timeout(3):
                 while len(replies) < 200:
                     replies.append(await loop.sock_recv(sock, 4096))
+            elapsed = time.monotonic() - started
         answers = [dns.message.from_wire(r) for r in replies]
         ok = [a for a in answers if a.rcode() == dns.rcode.NOERROR and a.answer]
         refused = [a for a in answers if a.rcode() == dns.rcode.REFUSED]
         slipped = [a for a in answers if a.flags & dns.flags.TC]
-        assert 40 <= len(ok) <= 45  # the burst (and what refilled meanwhile)
+        # The burst, and what refilled at 20/s while the daemon worked through them.
+        assert 40 <= len(ok) <= 40 + int(20 * elapsed) + 1
         assert abs(len(refused) - len(slipped)) <= 1 and len(ok) + len(refused) + len(
             slipped) == 200
         assert tg.metrics.sample("tiktokguard_dns_rate_limited_total") == 200 - len(ok)
