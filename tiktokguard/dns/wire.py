@@ -14,6 +14,13 @@ import socket
 import struct
 from dataclasses import dataclass
 
+# Names and the two rcodes the policy uses live in dnsname (no dependencies); re-exported here for
+# the DNS path's modules.
+from tiktokguard.dnsname import NOERROR as NOERROR
+from tiktokguard.dnsname import NXDOMAIN as NXDOMAIN
+from tiktokguard.dnsname import text_to_wire as text_to_wire
+from tiktokguard.dnsname import wire_to_text as wire_to_text
+
 # RFC 1035 §4.1.1 header flags and codes.
 QR = 0x8000
 AA = 0x0400
@@ -24,7 +31,7 @@ AD = 0x0020
 CD = 0x0010
 OPCODE_MASK = 0x7800
 
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+FORMERR, SERVFAIL, NOTIMP, REFUSED = 1, 2, 4, 5
 BADVERS = 16  # RFC 6891 §6.1.3: extended RCODE, upper 8 bits travel in the OPT TTL
 
 TYPE_A, TYPE_CNAME, TYPE_SOA, TYPE_AAAA, TYPE_DNAME, TYPE_OPT = 1, 5, 6, 28, 39, 41
@@ -246,38 +253,6 @@ def decode_mac_option(value: bytes) -> bytes | None:
             return None
         return raw if len(raw) == 6 else None
     return None
-
-
-def wire_to_text(name: bytes) -> str:
-    """Presentation form of an uncompressed wire name, without the trailing dot ("" is the root)."""
-    labels = []
-    pos = 0
-    while pos < len(name) and name[pos]:
-        length = name[pos]
-        label = name[pos + 1:pos + 1 + length]
-        labels.append("".join(
-            chr(b) if 0x21 <= b <= 0x7E and b not in (0x2E, 0x5C) else f"\\{b:03d}"
-            for b in label))
-        pos += 1 + length
-    return ".".join(labels)
-
-
-def text_to_wire(name: str) -> bytes:
-    """Wire form of a dotted name (lower-cased). Raises ValueError for an invalid name."""
-    name = name.strip().rstrip(".").lower()
-    if not name:
-        return b"\x00"
-    out = bytearray()
-    for label in name.split("."):
-        raw = label.encode("idna") if not label.isascii() else label.encode("ascii")
-        if not raw or len(raw) > 63:
-            raise ValueError(f"bad label {label!r} in {name!r}")
-        out.append(len(raw))
-        out += raw
-    out.append(0)
-    if len(out) > 255:
-        raise ValueError(f"name longer than 255 octets: {name!r}")
-    return bytes(out)
 
 
 # ----------------------------------------------------------------------------------------------

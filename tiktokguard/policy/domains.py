@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiktokguard.dns.wire import text_to_wire
+from tiktokguard.dnsname import text_to_wire
 
 
 class ListError(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tiktokguard.dns.wire import NOERROR, NXDOMAIN, text_to_wire
+from tiktokguard.dnsname import NOERROR, NXDOMAIN, text_to_wire
 from tiktokguard.policy.clients import ClientClass, ClientClassifier, Device, client_address
 from tiktokguard.policy.domains import DomainMatcher
 
