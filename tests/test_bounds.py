@@ -623,6 +623,10 @@ async def test_an_upstream_failing_every_name_is_answered_and_kept(tmp_path: Any
         assert state.failures == 0 and state.down_until == 0.0  # it answered: not set aside
         assert tg.metrics.sample("tiktokguard_upstream_errors_total", upstream=upstream.address,
                                  kind="servfail") == 1_100
+        # Alive, but of no use: readiness says so once the window has passed (as if the
+        # resolver had been up a minute, so "since start" does not excuse it).
+        tg.daemon.pool.created -= 60
+        assert tg.daemon.readiness()["upstreams"][0] is False
 
 
 async def test_the_store_syncs_every_commit(tmp_path: Any) -> None:

@@ -198,12 +198,13 @@ class UpstreamPool:
             now = self._clock()
             # It answered, so it is alive, whatever it answered: a SERVFAIL or REFUSED for one
             # name (a lame delegation, a bogus signature, RD=0) is not held against its health,
-            # or any client could make us set a healthy upstream aside.
+            # or any client could make us set a healthy upstream aside. (Readiness, below, counts
+            # only usable answers: an upstream refusing everything is alive but of no use.)
             upstream.failures = 0
             upstream.down_until = 0.0
-            upstream.last_success = now
             rcode = reply.index.rcode
             if rcode == SERVFAIL and reply.index.dnssec_failure:
+                upstream.last_success = now
                 self._observe(upstream.name, now - started)
                 return reply  # validation failed: another validating upstream would agree
             if rcode in (SERVFAIL, REFUSED):
@@ -212,10 +213,12 @@ class UpstreamPool:
                 # in the `up` gauge's window.
                 kind = "servfail" if rcode == SERVFAIL else "refused"
                 self._count_error(upstream.name, kind)
+                upstream.last_failure = now
                 last = UpstreamError(kind)
                 if rcode == SERVFAIL:
                     servfail = reply
                 continue
+            upstream.last_success = now
             self._observe(upstream.name, now - started)
             return reply
         if servfail is not None:
