@@ -341,6 +341,10 @@ async def test_upstream_dead_on_one_timeout_name_only(tg: Running) -> None:
     reply = await tg.ask("timeout.test", wait=5)
     assert reply.rcode() == dns.rcode.SERVFAIL
     assert ede_codes(reply) == [23]
+    # Served from the failure cache (RFC 9520) for the next seconds: the same answer, EDE too.
+    again = await tg.ask("timeout.test", wait=5)
+    assert again.rcode() == dns.rcode.SERVFAIL and ede_codes(again) == [23]
+    assert tg.metrics.sample("tiktokguard_cache_hits_total") == 1
 
 
 # -- cache ---------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from tiktokguard.dns.wire import (
     RecordIndex,
     bare_response,
     chain_names,
+    ede_option,
     error_response,
     parse_query,
     response,
@@ -262,13 +263,15 @@ class Pipeline:
             except AllUpstreamsFailed as exc:
                 # RFC 9520 §3.2: remember the failure briefly, so a retry storm does not hit
                 # upstreams that are already failing.
+                # The clients served from it get the same EDE as this one.
                 now = self.clock()
                 failure = bare_response(query, SERVFAIL)
-                self.cache.put(cache_key(query), CacheEntry(failure, (), now, now + SERVFAIL_TTL,
-                                                            len(failure), servfail=True))
-                wire = response(query, SERVFAIL,
-                                ede=(EDE_NETWORK_ERROR, f"upstreams failed: {exc}"))
-                return self.finish(query, self._error(decision), wire, client_ip, mac,
+                ede = ede_option(EDE_NETWORK_ERROR, f"upstreams failed: {exc}")
+                entry = CacheEntry(failure, (), now, now + SERVFAIL_TTL, len(failure), ede=ede,
+                                   servfail=True)
+                self.cache.put(cache_key(query), entry)
+                return self.finish(query, self._error(decision),
+                                   entry.answer(query, now, transport == "udp"), client_ip, mac,
                                    transport, now, started)
             now = self.clock()
             wire, index = strip_opt(reply.wire, reply.index)

@@ -265,15 +265,17 @@ def _flags_for_answer(query_flags: int, rcode: int) -> int:
     return QR | RA | (query_flags & (OPCODE_MASK | RD | CD)) | (rcode & 0xF)
 
 
+def ede_option(info_code: int, text: str) -> bytes:
+    """An Extended DNS Error option (RFC 8914) in wire form."""
+    payload = _U16.pack(info_code) + text.encode("utf-8")
+    return _U16.pack(EDNS_OPTION_EDE) + _U16.pack(len(payload)) + payload
+
+
 def opt_record(do: bool = False, ext_rcode: int = 0, ede: tuple[int, str] | None = None,
                options: bytes = b"") -> bytes:
     """Our OPT pseudo-record (RFC 6891), optionally carrying an Extended DNS Error (RFC 8914)
     of our own, or `options` already in wire form (an upstream's EDE, passed on)."""
-    rdata = options
-    if ede is not None:
-        info_code, text = ede
-        payload = _U16.pack(info_code) + text.encode("utf-8")
-        rdata += _U16.pack(EDNS_OPTION_EDE) + _U16.pack(len(payload)) + payload
+    rdata = options if ede is None else options + ede_option(*ede)
     ttl = ((ext_rcode >> 4) << 24) | (0x8000 if do else 0)
     return b"\x00" + _RR_FIXED.pack(TYPE_OPT, OUR_UDP_SIZE, ttl, len(rdata)) + rdata
 
