@@ -310,6 +310,20 @@ def test_token_bucket_refills_at_the_rate() -> None:
     assert limiter.allow("10.0.0.2", 100.0)  # another client has its own bucket
 
 
+def test_each_limited_client_gets_its_own_slip() -> None:
+    from tiktokguard.dns.ratelimit import RateLimiter
+
+    limiter = RateLimiter(qps=1, burst=1)
+    for client in ("10.0.0.1", "10.0.0.2"):
+        assert limiter.allow(client, 0.0)
+    slips: dict[str, list[bool]] = {"10.0.0.1": [], "10.0.0.2": []}
+    for _ in range(4):  # the two limited clients' queries interleaved
+        for client in slips:
+            assert not limiter.allow(client, 0.0)
+            slips[client].append(limiter.slip(client))
+    assert slips == {c: [True, False, True, False] for c in slips}  # each gets its TC=1 half
+
+
 def test_ipv6_clients_share_a_bucket_per_56() -> None:
     from tiktokguard.dns.ratelimit import RateLimiter
 

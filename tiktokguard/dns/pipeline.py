@@ -180,7 +180,8 @@ class Pipeline:
         """Over the client's rate: REFUSED, and TC=1 every second time (a real client retries
         over TCP; a spoofed source cannot)."""
         self.stats.rate_limited += 1
-        wire = truncated_response(query) if ratelimit.slip() else response(query, REFUSED)
+        wire = (truncated_response(query) if ratelimit.slip(client_ip)
+                else response(query, REFUSED))
         return self.finish(query, _NOT_SERVED, wire, client_ip, None, "udp", 0.0, started)
 
     def _refuse(self, query: Query, client_ip: str, transport: str, started: float) -> bytes:

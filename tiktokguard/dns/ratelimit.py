@@ -7,9 +7,10 @@ used, so a spoofed flood from many sources evicts the buckets idle longest (whic
 anyway, if they were idle for burst/qps seconds) in O(1), and the memo of address → key is
 cleared when full.
 
-Over the limit, a query is answered REFUSED, and every second one TC=1 instead (the "slip" of
-Response Rate Limiting): a real client retries over TCP, which a spoofed source cannot, so a
-legitimate host behind a flood still gets through.
+Over the limit, a query is answered REFUSED, and every second one of that client's TC=1 instead
+(the "slip" of Response Rate Limiting, kept per bucket so that interleaved clients each get
+theirs): a real client retries over TCP, which a spoofed source cannot, so a legitimate host
+behind a flood still gets through.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ class RateLimiter:
         self.qps = qps
         self.burst = burst if burst > 0 else 2 * qps
         self.max_clients = max_clients
+        # key -> [tokens, last refill, slip (0/1)]
         self._buckets: OrderedDict[str | bytes, list[float]] = OrderedDict()
         self._keys: dict[str, str | bytes] = {}
-        self._slip = False
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -56,7 +57,7 @@ class RateLimiter:
         if bucket is None:
             if len(buckets) >= self.max_clients:
                 buckets.popitem(last=False)  # the bucket idle longest
-            buckets[key] = [self.burst - 1, now]
+            buckets[key] = [self.burst - 1, now, 0]
             return True
         buckets.move_to_end(key)
         tokens = bucket[0] + (now - bucket[1]) * self.qps
@@ -69,7 +70,11 @@ class RateLimiter:
         bucket[0] = tokens
         return False
 
-    def slip(self) -> bool:
-        """True for every second limited query: answer it TC=1 rather than REFUSED."""
-        self._slip = not self._slip
-        return self._slip
+    def slip(self, client_ip: str) -> bool:
+        """True for every second limited query of this client (after allow() said no): answer
+        it TC=1 rather than REFUSED."""
+        bucket = self._buckets.get(self._key(client_ip))
+        if bucket is None:
+            return False
+        bucket[2] = 1 - bucket[2]
+        return bool(bucket[2])
