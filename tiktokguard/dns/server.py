@@ -185,8 +185,9 @@ class TcpProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _active(self) -> None:
-        """A complete query arrived or an answer left: the idle timer starts again, and this
-        connection moves to the back of the shedding order."""
+        """A complete query arrived, or an answer that had to wait for an upstream left: the
+        idle timer starts again, and this connection moves to the back of the shedding order.
+        (An answer given at once needs no second call: its query just made one.)"""
         self.last_active = time.monotonic()  # (the clock of loop.time(), in asyncio and uvloop)
         connections = self.state.tcp_connections
         if self in connections:
@@ -275,13 +276,13 @@ class TcpProtocol(asyncio.Protocol):
             self.inflight -= 1
         if wire is not None:
             self._send(wire)
+            self._active()  # an answer after the upstream's round trip: idle time starts now
         self._process()
 
     def _send(self, wire: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(struct.pack("!H", len(wire)) + wire)
-            self._active()
 
 
 def _family(host: str) -> socket.AddressFamily:
