@@ -24,11 +24,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dnslib
 
+from tiktokguard import rfc3339
 from tiktokguard.devices.store import Store
 from tiktokguard.dns.wire import Query
 from tiktokguard.logs import get_logger
@@ -75,11 +75,6 @@ class BlockedBatch:
                 for (ip, rule), (mac, name, qtype, count, first, last) in entries.items()]
 
 
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
-
-
 @dataclass(slots=True)
 class Incident:
     incident_id: str
@@ -97,7 +92,8 @@ class Incident:
         return {"incident_id": self.incident_id, "client_ip": self.client_ip,
                 "client_mac": self.client_mac, "device_name": self.device_name,
                 "name": self.name, "rule": self.rule, "qtype": self.qtype, "count": self.count,
-                "first_seen": rfc3339(self.first_seen), "last_seen": rfc3339(self.last_seen)}
+                "first_seen": rfc3339.format_time(self.first_seen),
+                "last_seen": rfc3339.format_time(self.last_seen)}
 
 
 class IncidentAggregator:
@@ -191,7 +187,7 @@ class IncidentAggregator:
         window (they are neither logged nor posted again). Returns how many."""
         restored = 0
         for row in sorted(rows, key=lambda r: r["first_seen"]):
-            first = datetime.fromisoformat(row["first_seen"]).timestamp()
+            first = rfc3339.to_timestamp(row["first_seen"])
             if now - first >= self.window or len(self.open) >= self.max_open:
                 continue
             key = (row["client_ip"], row["rule"])
@@ -199,7 +195,7 @@ class IncidentAggregator:
             self.open[key] = Incident(
                 row["incident_id"], row["client_ip"], row["client_mac"], row["name"],
                 row["rule"], row["qtype"], int(row["count"]), first,
-                datetime.fromisoformat(row["last_seen"]).timestamp(), row.get("device_name"))
+                rfc3339.to_timestamp(row["last_seen"]), row.get("device_name"))
             restored += 1
         return restored
 
@@ -207,7 +203,7 @@ class IncidentAggregator:
         if self.store is None:
             return 0
         now = self.clock()
-        rows = await self.store.incidents(rfc3339(now - self.window), None, None,
+        rows = await self.store.incidents(rfc3339.format_time(now - self.window), None, None,
                                           self.max_open, 0)
         return self.restore(rows, now)
 
@@ -218,7 +214,7 @@ class IncidentAggregator:
             return None
         top = sorted(self._overflow_rules.items(), key=lambda item: -item[1])[:10]
         event = {"untracked_queries": self._overflow, "open_incidents": len(self.open),
-                 "max_open": self.max_open, "since": rfc3339(self._overflow_since),
+                 "max_open": self.max_open, "since": rfc3339.format_time(self._overflow_since),
                  "rules": dict(top)}
         self._overflow = 0
         self._overflow_rules = {}
@@ -252,7 +248,7 @@ class IncidentAggregator:
     def _post(self, kind: str, event: dict[str, Any]) -> None:
         if not self.webhook_url:
             return
-        payload = {"event": kind, "timestamp": rfc3339(self.clock()), **event}
+        payload = {"event": kind, "timestamp": rfc3339.format_time(self.clock()), **event}
         try:
             self._queue.put_nowait(payload)
         except asyncio.QueueFull:
@@ -283,8 +279,8 @@ class IncidentAggregator:
     async def prune(self) -> int:
         assert self.store is not None
         now = self.clock()
-        before = datetime.fromtimestamp(now, UTC) - timedelta(days=self.retention_days)
-        return await self.store.prune_incidents(rfc3339(before.timestamp()), self.max_rows)
+        before = now - self.retention_days * 86_400
+        return await self.store.prune_incidents(rfc3339.format_time(before), self.max_rows)
 
     async def webhook_worker(self) -> None:
         """POST each queued incident; retries with backoff, drops counted, never blocks DNS."""

@@ -21,7 +21,6 @@ from tiktokguard.api.openapi import openapi_document, query_parameters
 from tiktokguard.api.server import dispatch
 from tiktokguard.devices.model import ValidationError, format_time, parse_time
 from tiktokguard.devices.service import Conflict, NotFound
-from tiktokguard.incidents import rfc3339
 from tiktokguard.logs import get_logger
 from tiktokguard.policy.clients import normalise_mac
 
@@ -130,16 +129,13 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return int(text)
 
 
-def _since(request: web.Request, millis: bool = False) -> str | None:
-    """`since` in the form the table stores its times in, since the store compares them as
-    text: audit entries to the second, incidents to the millisecond ("...54.004Z" sorts
-    before "...54Z", so a seconds-form bound would drop incidents of that very second)."""
+def _since(request: web.Request) -> str | None:
+    """`since` in the one form every stored time has (tiktokguard.rfc3339), since the store
+    compares them as text."""
     text = request.query.get("since")
     if text is None:
         return None
-    value = parse_time(text, "since")
-    assert value is not None
-    return rfc3339(value.timestamp()) if millis else format_time(value)
+    return format_time(parse_time(text, "since"))
 
 
 # -- open ------------------------------------------------------------------------------------------
@@ -269,7 +265,7 @@ async def incidents(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     await daemon.workers.report()  # blocked queries the worker processes have not sent yet
     await daemon.incidents.flush()
-    rows = await request.app[STORE].incidents(_since(request, millis=True),
+    rows = await request.app[STORE].incidents(_since(request),
                                               request.query.get("client"),
                                               request.query.get("rule"),
                                               _int_param(request, "limit", 100, 1, 1000),

@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from tiktokguard import rfc3339
+
 DEFAULT_API = "http://127.0.0.1:8053"
 TOKEN_ENV = "TIKTOKGUARD_TOKEN"
 TABLE_COLUMNS = ("id", "name", "active", "addresses", "macs", "custodian", "ticket", "expires_at")
@@ -46,13 +48,23 @@ def add_parser(sub: Any) -> None:
         parser.add_argument("--supervisor")
         parser.add_argument("--ticket", help="service-request ticket")
         parser.add_argument("--location", help="storage location (security zone)")
-        parser.add_argument("--expires-at", dest="expires_at",
-                            help='RFC 3339 time, or "never"')
+        parser.add_argument("--expires-at", dest="expires_at", type=_expires_at,
+                            help=f'RFC 3339 time (e.g. {rfc3339.EXAMPLE}), or "never"')
         if name == "update":
             parser.add_argument("--activate", action="store_true",
                                 help="reactivate a deactivated device")
     deactivate = actions.add_parser("deactivate", help="deactivate a device (history stays)")
     deactivate.add_argument("id")
+
+
+def _expires_at(text: str) -> str:
+    """--expires-at, checked before anything is sent (argparse prints the reason, exit 2)."""
+    if text == "never":
+        return text
+    try:
+        return rfc3339.format_time(rfc3339.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _token(env: dict[str, str]) -> str | None:

@@ -8,12 +8,12 @@ designated storage location; those are the fields here. Validation errors name t
 from __future__ import annotations
 
 import ipaddress
-import re
 import unicodedata
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from tiktokguard import rfc3339
 from tiktokguard.policy.clients import Device, IPNetwork, normalise_mac
 
 TEXT_FIELDS = ("name", "custodian", "supervisor", "ticket", "location")
@@ -38,32 +38,20 @@ def now_utc() -> datetime:
 
 
 def format_time(value: datetime | None) -> str | None:
-    """RFC 3339 in UTC with a Z, to the second."""
-    if value is None:
-        return None
-    return value.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+    """RFC 3339 in UTC, to the millisecond (tiktokguard.rfc3339); None stays None."""
+    return None if value is None else rfc3339.format_time(value)
 
 
 def parse_time(value: Any, field: str) -> datetime | None:
+    """A time from an API body or query (null allowed); ValidationError names the field."""
     if value is None:
         return None
-    if not isinstance(value, str) or not _RFC3339.match(value):
-        raise ValidationError(field, "expected an RFC 3339 time with offset, "
-                                     "e.g. 2027-06-30T23:59:59Z, or null")
-    text = value.replace("z", "Z").replace("Z", "+00:00").replace("t", "T")
-    if text[17:19] == "60":  # a leap second: Python's datetime has none; a second early is fine
-        text = text[:17] + "59" + text[19:]
     try:
-        parsed = datetime.fromisoformat(text)
-        parsed.astimezone(UTC)  # 9999-12-31T23:59:59-23:59 is past year 9999 in UTC
+        return rfc3339.parse(value)
     except ValueError as exc:
-        raise ValidationError(field, f"invalid time: {exc}") from None
-    except OverflowError:
-        raise ValidationError(field, "time out of range (years 0001-9999 in UTC)") from None
-    return parsed
+        message = str(exc)
+        raise ValidationError(field, message + (", or null" if message.startswith("expected")
+                                                 else "")) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from tiktokguard import rfc3339
 from tiktokguard.devices.model import DeviceRecord, format_time
 
 T = TypeVar("T")
@@ -72,6 +73,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX incidents_first_seen ON incidents (first_seen);
     """,
+    # Every stored time in the one form (tiktokguard.rfc3339: UTC, milliseconds, Z), so that
+    # times compare correctly as text. SQLite's strftime reads offsets and any fraction.
+    """
+    UPDATE audit SET at = COALESCE(strftime('%Y-%m-%dT%H:%M:%fZ', at), at);
+    UPDATE api_tokens SET created_at = COALESCE(strftime('%Y-%m-%dT%H:%M:%fZ', created_at),
+                                                created_at);
+    UPDATE devices SET
+        created_at = COALESCE(strftime('%Y-%m-%dT%H:%M:%fZ', created_at), created_at),
+        updated_at = COALESCE(strftime('%Y-%m-%dT%H:%M:%fZ', updated_at), updated_at),
+        expires_at = COALESCE(strftime('%Y-%m-%dT%H:%M:%fZ', expires_at), expires_at);
+    UPDATE incidents SET
+        first_seen = COALESCE(strftime('%Y-%m-%dT%H:%M:%fZ', first_seen), first_seen),
+        last_seen = COALESCE(strftime('%Y-%m-%dT%H:%M:%fZ', last_seen), last_seen);
+    """,
 )
 
 
@@ -101,13 +116,13 @@ def _row_to_record(row: sqlite3.Row) -> DeviceRecord:
         id=row["id"], name=row["name"], addresses=tuple(json.loads(row["addresses"])),
         macs=tuple(json.loads(row["macs"])), custodian=row["custodian"],
         supervisor=row["supervisor"], ticket=row["ticket"], location=row["location"],
-        expires_at=datetime.fromisoformat(row["expires_at"]) if row["expires_at"] else None,
-        active=bool(row["active"]), created_at=datetime.fromisoformat(row["created_at"]),
-        updated_at=datetime.fromisoformat(row["updated_at"]))
+        expires_at=rfc3339.parse(row["expires_at"]) if row["expires_at"] else None,
+        active=bool(row["active"]), created_at=rfc3339.parse(row["created_at"]),
+        updated_at=rfc3339.parse(row["updated_at"]))
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+    return rfc3339.format_time(value) if value is not None else None
 
 
 class SqliteStore:
