@@ -54,7 +54,12 @@ class _Pipeline:
     """Records the frames TCP framing hands over; answers each at once."""
 
     def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        from tiktokguard.dns.runtime import TcpLimits
+
         self.frames: list[bytes] = []
+        self.runtime = SimpleNamespace(tcp=TcpLimits(10.0, 10))
 
     def handle(self, data: bytes, client_ip: str, transport: str) -> bytes:
         self.frames.append(data)
@@ -153,7 +158,7 @@ def check_tcp(data: bytes) -> None:
     from tiktokguard.dns.server import ServerState, TcpProtocol
 
     pipeline = _Pipeline()
-    state = ServerState(pipeline, 10.0, 10)  # type: ignore[arg-type]
+    state = ServerState(pipeline)  # type: ignore[arg-type]
     protocol = TcpProtocol(state)
     transport = _Transport()
     protocol.transport = transport  # type: ignore[assignment]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from tiktokguard.config import IncidentsConfig
 from tiktokguard.dns.upstream import UpstreamPool
 from tiktokguard.dns.wire import parse_query, text_to_wire
 from tiktokguard.incidents import IncidentAggregator
@@ -39,7 +40,7 @@ def _query(name: str = "www.tiktok.com") -> Any:
 
 def test_incidents_cost_o1_per_blocked_query_however_many_are_open() -> None:
     metrics = Metrics()
-    agg = IncidentAggregator(600, metrics, max_open=20_000)
+    agg = IncidentAggregator(IncidentsConfig(max_open=20_000), metrics)
     agg.open = CountingDict()
     query = _query()
     for i in range(20_000):  # the table fills up within one window
@@ -59,7 +60,7 @@ def test_incidents_cost_o1_per_blocked_query_however_many_are_open() -> None:
 
 
 def test_a_closed_window_reopens_at_the_back() -> None:
-    agg = IncidentAggregator(600, Metrics(), max_open=10)
+    agg = IncidentAggregator(IncidentsConfig(max_open=10), Metrics())
     query = _query()
     agg.blocked("10.0.0.1", None, query, "tiktok.com", 0.0)
     agg.blocked("10.0.0.2", None, query, "tiktok.com", 100.0)
@@ -74,7 +75,7 @@ def test_a_closed_window_reopens_at_the_back() -> None:
 async def test_a_full_table_gives_one_storm_event_a_window() -> None:
     now = [1.0]
     metrics = Metrics()
-    agg = IncidentAggregator(600, metrics, max_open=100, clock=lambda: now[0])
+    agg = IncidentAggregator(IncidentsConfig(max_open=100), metrics, clock=lambda: now[0])
     for i in range(300):
         agg.blocked(f"2001:db8::{i:x}", None, _query(), "tiktok.com" if i % 3 else "capcut.com",
                     now[0])
@@ -530,17 +531,17 @@ async def test_metrics_are_rendered_at_most_once_a_second_and_never_stale(
     import dns.asyncquery
     import dns.message
 
-    import tiktokguard.api.app as app_module
+    import tiktokguard.daemon as daemon_module
     from tests.conftest import running_daemon
 
     renders = [0]
-    real = app_module.generate_latest
+    real = daemon_module.generate_latest
 
     def counting(registry: Any) -> bytes:
         renders[0] += 1
         return real(registry)
 
-    monkeypatch.setattr(app_module, "generate_latest", counting)
+    monkeypatch.setattr(daemon_module, "generate_latest", counting)
     async with running_daemon(tmp_path, [upstream.address], http=True) as tg, \
             aiohttp.ClientSession() as http:
         url = f"http://127.0.0.1:{tg.http_port}/metrics"

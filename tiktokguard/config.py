@@ -10,7 +10,7 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,142 +40,20 @@ class HostPort:
 
 
 @dataclass(frozen=True, slots=True)
-class DnsConfig:
-    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 5353),)
-    """Addresses to answer on, UDP and TCP on each."""
-    upstreams: tuple[HostPort, ...] = ()
-    """Upstream resolvers, tried in order of health; empty: the nameservers of /etc/resolv.conf."""
-    upstream_timeout_ms: int = 1500
-    """How long one upstream may take before the next is tried."""
-    allow_clients: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in LOOPBACK)
-    """Clients we answer at all; anyone else gets REFUSED (no open resolver)."""
-    cache_size: int = 100_000
-    """Most answers kept in the cache (least recently used go first)."""
-    cache_max_bytes: int = 128 * 1024 * 1024
-    """Memory the cached answers may take at most (a 64 KiB TCP answer counts as such)."""
-    max_ttl: int = 86_400
-    """No answer is cached, nor handed to clients, with a TTL above this (seconds)."""
-    max_negative_ttl: int = 3_600
-    """Negative answers (NXDOMAIN, NODATA) are cached this long at most (RFC 2308 §5)."""
-    tcp_idle_timeout_ms: int = 10_000
-    """A TCP connection with no complete query or answer for this long is closed (RFC 7766
-    §6.2.3)."""
-    max_tcp_connections: int = 1000
-    """Open TCP connections at most, over all listeners; a newcomer sheds the longest idle."""
-    max_tcp_per_client: int = 64
-    """Open TCP connections per client address at most; more are closed at once (a relay that
-    speaks for a whole segment may need more)."""
-    workers: int = 1
-    """Processes answering DNS on the same ports (SO_REUSEPORT); more use more cores."""
-    rate_limit_qps: int = 0
-    """UDP queries a second per client address (IPv6: per /56); 0 turns the limit off."""
-    rate_limit_burst: int = 0
-    """Queries a client may send at once above the rate; 0 means twice rate_limit_qps."""
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyConfig:
-    managed_networks: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in LOOPBACK)
-    """University-managed devices live here: the policy applies to them."""
-    blocklists: tuple[Path, ...] = ()
-    """List files (domains, hosts or ||name^ lines); relative paths from the config's folder."""
-    block_mode: str = "nxdomain"
-    """How a blocked name is answered: nxdomain | null | refused | redirect."""
-    block_ttl: int = 300
-    """TTL of block answers and of their synthetic SOA (how long clients cache them)."""
-    bypass_countermeasures: bool = True
-    """Answer the DoH canary, iCloud Private Relay and resolver.arpa so managed clients stay."""
-    block_public_doh: bool = False
-    """Answer NXDOMAIN to managed clients for public DoH/DoT resolvers' names (doh_lists)."""
-    doh_lists: tuple[Path, ...] = ()
-    """Lists of public encrypted-DNS names (default: the bundled doh-providers.txt)."""
-    edns_mac_trusted_relays: tuple[IPNetwork, ...] = ()
-    """Relays whose EDNS0 MAC option (65001) is believed."""
-    redirect_ipv4: str | None = None
-    """A answer for block_mode = "redirect" (e.g. a page explaining the policy)."""
-    redirect_ipv6: str | None = None
-    """AAAA answer for block_mode = "redirect"."""
-    neighbour_table: bool = True
-    """Learn client MACs from the kernel neighbour table (resolver on the clients' L2 segment)."""
-
-
-@dataclass(frozen=True, slots=True)
 class TokenConfig:
     role: str
     sha256: str
 
 
-@dataclass(frozen=True, slots=True)
-class HttpConfig:
-    listen: HostPort | None = HostPort("127.0.0.1", 8053)
-    """The HTTP API, health and metrics listener; "" turns it off."""
-    tokens: dict[str, TokenConfig] = field(default_factory=dict)
-    """API tokens by name: role admin or viewer, and the SHA-256 of the token."""
-    metrics_token: bool = False
-    """Require a viewer (or admin) token for GET /metrics."""
-
-
-@dataclass(frozen=True, slots=True)
-class IncidentsConfig:
-    window_seconds: int = 600
-    """One incident per (client, rule) per window."""
-    webhook_url: str = ""
-    """Optional: POST each new incident as JSON."""
-    retention_days: int = 90
-    """Stored incidents older than this are deleted."""
-    max_rows: int = 100_000
-    """At most this many incidents are kept (newest first)."""
-    max_open: int = 100_000
-    """Open incidents held in memory at most; past it, one incident_storm event a window."""
-
-
-@dataclass(frozen=True, slots=True)
-class NetfilterConfig:
-    backend: str = "off"
-    """Kernel sets for addresses of blocked names: off | nftables | ipset (needs CAP_NET_ADMIN)."""
-    table: str = "tiktokguard"
-    """nftables: the `inet` table that holds the sets."""
-    set_v4: str = "tiktok_v4"
-    """Set of IPv4 addresses of blocked names."""
-    set_v6: str = "tiktok_v6"
-    """Set of IPv6 addresses of blocked names."""
-    exempt_v4: str = "exempt_v4"
-    """Set of the allowlisted devices' IPv4 addresses and networks (kept in sync with the store)."""
-    exempt_v6: str = "exempt_v6"
-    """...their IPv6 addresses and networks."""
-    exempt_mac: str = "exempt_mac"
-    """...and their MAC addresses."""
-    default_timeout: int = 3600
-    """Timeout of the sets themselves (elements carry their own)."""
-    min_timeout: int = 60
-    """An element lives at least this long, whatever the answer's TTL."""
-    max_timeout: int = 86400
-    """...and at most this long."""
-    shadow_resolution: bool = True
-    """When a managed client is blocked, resolve the name upstream to learn its addresses."""
-    shadow_per_second: int = 20
-    """Shadow queries per second at most (each name at most once per min_timeout)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StateConfig:
-    dir: Path = Path("tiktokguard-state")
-    """Where the SQLite state and the generated admin token live."""
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    dns: DnsConfig = DnsConfig()
-    policy: PolicyConfig = PolicyConfig()
-    http: HttpConfig = HttpConfig()
-    incidents: IncidentsConfig = IncidentsConfig()
-    netfilter: NetfilterConfig = NetfilterConfig()
-    state: StateConfig = StateConfig()
-    source: str = "<embedded default>"
-
-
 # ----------------------------------------------------------------------------------------------
-# Value parsers: each raises ValueError with a reason; the caller adds key and file.
+# Value parsers: each raises ValueError with a reason; the caller adds key and file. A `Value`
+# is a parser with the words the reference (docs/reference.md) uses for its type and range.
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    kind: str
+    parse: Callable[[Any], Any]
 
 
 def parse_hostport(text: Any, default_port: int | None = None) -> HostPort:
@@ -217,7 +95,13 @@ def parse_network(text: Any) -> IPNetwork:
         raise ValueError(f"{text!r} is not an IP address or CIDR") from None
 
 
-def _ip_text(version: int) -> Callable[[Any], str]:
+HOSTPORT = Value("address IP:PORT or [IPv6]:PORT", parse_hostport)
+UPSTREAM = Value("address IP, IP:PORT or [IPv6]:PORT (port 53 if none)",
+                 lambda v: parse_hostport(v, default_port=53))
+NETWORK = Value("IP or CIDR", parse_network)
+
+
+def _ip_text(version: int) -> Value:
     def parse(value: Any) -> str:
         if not isinstance(value, str):
             raise ValueError("expected a string")
@@ -228,65 +112,78 @@ def _ip_text(version: int) -> Callable[[Any], str]:
         if address.version != version:
             raise ValueError(f"{value!r} is not an IPv{version} address")
         return str(address)
-    return parse
+    return Value(f"IPv{version} address", parse)
 
 
-def _int_in(low: int, high: float) -> Callable[[Any], int]:
+def _int_in(low: int, high: int) -> Value:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected a whole number, got {value!r}")
         if not low <= value <= high:
-            raise ValueError(f"{value} is out of range ({low}..{high:g})")
+            raise ValueError(f"{value} is out of range ({low:_}..{high:_})")
         return value
-    return parse
+    return Value(f"integer {low:_}..{high:_}", parse)
 
 
-def _bool(value: Any) -> bool:
+def _bool_parse(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
     return value
 
 
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+BOOL = Value("true or false", _bool_parse)
+
+
+def _choice(options: tuple[str, ...]) -> Value:
     def parse(value: Any) -> str:
         if value not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
         return str(value)
-    return parse
+    return Value(" | ".join(options), parse)
 
 
-def _string(value: Any) -> str:
+def _string_parse(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     return value
 
 
-def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
+STRING = Value("string", _string_parse)
+PATH = Value("path", _string_parse)
+
+
+def _list_of(item: Value) -> Value:
     def parse(value: Any) -> tuple[Any, ...]:
         if not isinstance(value, list):
             raise ValueError("expected a list")
         out = []
         for index, element in enumerate(value):
             try:
-                out.append(item(element))
+                out.append(item.parse(element))
             except ValueError as exc:
                 raise ValueError(f"[{index}]: {exc}") from None
         return tuple(out)
-    return parse
+    return Value(f"list of {item.kind}", parse)
 
 
-def _name(value: Any) -> str:
-    text = _string(value)
+def _name_parse(value: Any) -> str:
+    text = _string_parse(value)
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,30}", text):
         raise ValueError(f"expected a name of letters, digits and _ (at most 31), got {text!r}")
     return text
 
 
+NAME = Value("name (a letter, then letters, digits, _; at most 31)", _name_parse)
+
+
 def _webhook_url(value: Any) -> str:
-    text = _string(value)
+    text = _string_parse(value)
     if text and not re.match(r"^https?://[^\s/]+", text):
         raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
     return text
+
+
+WEBHOOK_URL = Value('http:// or https:// URL, or ""', _webhook_url)
 
 
 def _http_listen(value: Any) -> HostPort | None:
@@ -295,6 +192,7 @@ def _http_listen(value: Any) -> HostPort | None:
     return parse_hostport(value)
 
 
+HTTP_LISTEN = Value('address IP:PORT or [IPv6]:PORT, or "" (off)', _http_listen)
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 
@@ -316,64 +214,257 @@ def _tokens(value: Any) -> dict[str, TokenConfig]:
     return out
 
 
-_SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
-    "dns": (DnsConfig, {
-        "listen": _list_of(parse_hostport),
-        "upstreams": _list_of(lambda v: parse_hostport(v, default_port=53)),
-        "upstream_timeout_ms": _int_in(10, 60_000),
-        "allow_clients": _list_of(parse_network),
-        "cache_size": _int_in(0, 10_000_000),
-        "cache_max_bytes": _int_in(1024 * 1024, 64 * 1024 ** 3),
-        "max_ttl": _int_in(1, 7 * 86_400),
-        "max_negative_ttl": _int_in(0, 86_400),
-        "tcp_idle_timeout_ms": _int_in(100, 600_000),
-        "max_tcp_connections": _int_in(1, 1_000_000),
-        "max_tcp_per_client": _int_in(1, 1_000_000),
-        "rate_limit_qps": _int_in(0, 10_000_000),
-        "rate_limit_burst": _int_in(0, 10_000_000),
-        "workers": _int_in(1, 64),
-    }),
-    "policy": (PolicyConfig, {
-        "managed_networks": _list_of(parse_network),
-        "blocklists": _list_of(_string),
-        "block_mode": _choice(BLOCK_MODES),
-        "block_ttl": _int_in(0, 604_800),
-        "bypass_countermeasures": _bool,
-        "block_public_doh": _bool,
-        "doh_lists": _list_of(_string),
-        "edns_mac_trusted_relays": _list_of(parse_network),
-        "redirect_ipv4": _ip_text(4),
-        "redirect_ipv6": _ip_text(6),
-        "neighbour_table": _bool,
-    }),
-    "http": (HttpConfig, {"listen": _http_listen, "tokens": _tokens, "metrics_token": _bool}),
-    "incidents": (IncidentsConfig, {
-        "window_seconds": _int_in(1, 86_400 * 7),
-        "webhook_url": _webhook_url,
-        "retention_days": _int_in(1, 3650),
-        "max_rows": _int_in(100, 100_000_000),
-        "max_open": _int_in(10, 10_000_000),
-    }),
-    "netfilter": (NetfilterConfig, {
-        "backend": _choice(("off", "nftables", "ipset")),
-        "table": _name,
-        "set_v4": _name,
-        "set_v6": _name,
-        "exempt_v4": _name,
-        "exempt_v6": _name,
-        "exempt_mac": _name,
-        "default_timeout": _int_in(1, 86_400 * 7),
-        "min_timeout": _int_in(1, 86_400),
-        "max_timeout": _int_in(1, 86_400 * 7),
-        "shadow_resolution": _bool,
-        "shadow_per_second": _int_in(1, 10_000),
-    }),
-    "state": (StateConfig, {"dir": _string}),
-}
+TOKENS = Value("table NAME = { role = \"admin\" | \"viewer\", sha256 = \"64 hex digits\" }",
+               _tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# The keys. Each is declared once, here: its default, how it is read (Value), the line that
+# documents it, and whether a reload applies it (reload=False: bound at start, changed by a
+# restart). The loader, the reload's list of restart-only keys and docs/reference.md all come
+# from these declarations.
+
+
+def setting(default: Any, value: Value, doc: str, *, reload: bool = True,
+            shown: str | None = None) -> Any:
+    """A config key's declaration (a dataclass field). `shown` is the default as the reference
+    prints it, where the field's default is not what the loader fills in."""
+    metadata = {"value": value, "doc": doc, "reload": reload, "shown": shown}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_LOOPBACK_NETS = tuple(ipaddress.ip_network(n) for n in LOOPBACK)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    listen: tuple[HostPort, ...] = setting(
+        (HostPort("127.0.0.1", 5353),), _list_of(HOSTPORT),
+        "Addresses to answer on, UDP and TCP on each.", reload=False)
+    upstreams: tuple[HostPort, ...] = setting(
+        (), _list_of(UPSTREAM),
+        "Upstream resolvers, tried in order of health; empty: the nameservers of "
+        "/etc/resolv.conf.", shown="the nameservers of /etc/resolv.conf")
+    upstream_timeout_ms: int = setting(
+        1500, _int_in(10, 60_000), "How long one upstream may take before the next is tried.")
+    allow_clients: tuple[IPNetwork, ...] = setting(
+        _LOOPBACK_NETS, _list_of(NETWORK),
+        "Clients we answer at all; anyone else gets REFUSED (no open resolver).")
+    cache_size: int = setting(
+        100_000, _int_in(0, 10_000_000),
+        "Most answers kept in the cache (least recently used go first).")
+    cache_max_bytes: int = setting(
+        128 * 1024 * 1024, _int_in(1024 * 1024, 64 * 1024 ** 3),
+        "Memory the cached answers may take at most (a 64 KiB TCP answer counts as such).")
+    max_ttl: int = setting(
+        86_400, _int_in(1, 7 * 86_400),
+        "No answer is cached, nor handed to clients, with a TTL above this (seconds).")
+    max_negative_ttl: int = setting(
+        3_600, _int_in(0, 86_400),
+        "Negative answers (NXDOMAIN, NODATA) are cached this long at most (RFC 2308 §5).")
+    tcp_idle_timeout_ms: int = setting(
+        10_000, _int_in(100, 600_000),
+        "A TCP connection with no complete query or answer for this long is closed "
+        "(RFC 7766 §6.2.3).")
+    max_tcp_connections: int = setting(
+        1000, _int_in(1, 1_000_000),
+        "Open TCP connections at most, over all listeners; a newcomer sheds the longest idle.")
+    max_tcp_per_client: int = setting(
+        64, _int_in(1, 1_000_000),
+        "Open TCP connections per client address at most; more are closed at once (a relay "
+        "that speaks for a whole segment may need more).")
+    workers: int = setting(
+        1, _int_in(1, 64),
+        "Processes answering DNS on the same ports (SO_REUSEPORT); more use more cores.",
+        reload=False)
+    rate_limit_qps: int = setting(
+        0, _int_in(0, 10_000_000),
+        "UDP queries a second per client address (IPv6: per /56); 0 turns the limit off.")
+    rate_limit_burst: int = setting(
+        0, _int_in(0, 10_000_000),
+        "Queries a client may send at once above the rate; 0 means twice rate_limit_qps.")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    managed_networks: tuple[IPNetwork, ...] = setting(
+        _LOOPBACK_NETS, _list_of(NETWORK),
+        "University-managed devices live here: the policy applies to them.")
+    blocklists: tuple[Path, ...] = setting(
+        (), _list_of(PATH),
+        "List files (domains, hosts or ||name^ lines); relative paths from the config's folder, "
+        "then the bundled lists.", shown=f'["{DEFAULT_BLOCKLIST}"]')
+    block_mode: str = setting(
+        "nxdomain", _choice(BLOCK_MODES),
+        "How a blocked name is answered: nxdomain | null | refused | redirect.")
+    block_ttl: int = setting(
+        300, _int_in(0, 604_800),
+        "TTL of block answers and of their synthetic SOA (how long clients cache them).")
+    bypass_countermeasures: bool = setting(
+        True, BOOL,
+        "Answer the DoH canary, iCloud Private Relay and resolver.arpa so managed clients stay.")
+    block_public_doh: bool = setting(
+        False, BOOL,
+        "Answer NXDOMAIN to managed clients for public DoH/DoT resolvers' names (doh_lists).")
+    doh_lists: tuple[Path, ...] = setting(
+        (), _list_of(PATH), "Lists of public encrypted-DNS names.",
+        shown=f'["{DEFAULT_DOH_LIST}"]')
+    edns_mac_trusted_relays: tuple[IPNetwork, ...] = setting(
+        (), _list_of(NETWORK), "Relays whose EDNS0 MAC option (65001) is believed.")
+    redirect_ipv4: str | None = setting(
+        None, _ip_text(4), 'A answer for block_mode = "redirect" (e.g. a page explaining the '
+        'policy).', shown="none")
+    redirect_ipv6: str | None = setting(
+        None, _ip_text(6), 'AAAA answer for block_mode = "redirect".', shown="none")
+    neighbour_table: bool = setting(
+        True, BOOL,
+        "Learn client MACs from the kernel neighbour table (resolver on the clients' L2 "
+        "segment).", reload=False)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: HostPort | None = setting(
+        HostPort("127.0.0.1", 8053), HTTP_LISTEN,
+        'The HTTP API, health and metrics listener; "" turns it off.', reload=False)
+    tokens: dict[str, TokenConfig] = setting(
+        {}, TOKENS, "API tokens by name: role admin or viewer, and the SHA-256 of the token.")
+    metrics_token: bool = setting(
+        False, BOOL, "Require a viewer (or admin) token for GET /metrics.")
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentsConfig:
+    window_seconds: int = setting(
+        600, _int_in(1, 86_400 * 7), "One incident per (client, rule) per window.")
+    webhook_url: str = setting(
+        "", WEBHOOK_URL, "Optional: POST each new incident as JSON.")
+    retention_days: int = setting(
+        90, _int_in(1, 3650), "Stored incidents older than this are deleted.")
+    max_rows: int = setting(
+        100_000, _int_in(100, 100_000_000),
+        "At most this many incidents are kept (newest first).")
+    max_open: int = setting(
+        100_000, _int_in(10, 10_000_000),
+        "Open incidents held in memory at most; past it, one incident_storm event a window.")
+
+
+@dataclass(frozen=True, slots=True)
+class NetfilterConfig:
+    backend: str = setting(
+        "off", _choice(("off", "nftables", "ipset")),
+        "Kernel sets for addresses of blocked names (needs CAP_NET_ADMIN).", reload=False)
+    table: str = setting(
+        "tiktokguard", NAME, "nftables: the `inet` table that holds the sets.", reload=False)
+    set_v4: str = setting(
+        "tiktok_v4", NAME, "Set of IPv4 addresses of blocked names.", reload=False)
+    set_v6: str = setting(
+        "tiktok_v6", NAME, "Set of IPv6 addresses of blocked names.", reload=False)
+    exempt_v4: str = setting(
+        "exempt_v4", NAME, "Set of the allowlisted devices' IPv4 addresses and networks (kept in "
+        "sync with the store).", reload=False)
+    exempt_v6: str = setting(
+        "exempt_v6", NAME, "Set of the allowlisted devices' IPv6 addresses and networks.",
+        reload=False)
+    exempt_mac: str = setting(
+        "exempt_mac", NAME, "Set of the allowlisted devices' MAC addresses.", reload=False)
+    default_timeout: int = setting(
+        3600, _int_in(1, 86_400 * 7), "Timeout of the sets themselves (elements carry their "
+        "own), seconds.")
+    min_timeout: int = setting(
+        60, _int_in(1, 86_400), "An element lives at least this long, whatever the answer's "
+        "TTL (seconds).")
+    max_timeout: int = setting(
+        86400, _int_in(1, 86_400 * 7), "...and at most this long (seconds).")
+    shadow_resolution: bool = setting(
+        True, BOOL,
+        "When a managed client is blocked, resolve the name upstream to learn its addresses.")
+    shadow_per_second: int = setting(
+        20, _int_in(1, 10_000),
+        "Shadow queries per second at most (each name at most once per min_timeout).")
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    dir: Path = setting(
+        Path("tiktokguard-state"), PATH,
+        "Where the SQLite state and the generated admin token live; relative paths from the "
+        "config's folder (embedded default: the working directory).", reload=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    dns: DnsConfig = DnsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    http: HttpConfig = HttpConfig()
+    incidents: IncidentsConfig = IncidentsConfig()
+    netfilter: NetfilterConfig = NetfilterConfig()
+    state: StateConfig = StateConfig()
+    source: str = "<embedded default>"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One config key as the reference shows it."""
+
+    section: str
+    name: str
+    kind: str
+    default: str
+    doc: str
+    reload: bool
+
+    @property
+    def path(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def _shown(value: Any) -> str:
+    """A default as TOML would spell it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:_}" if value >= 10_000 else str(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{}"
+    if value is None:
+        return "none"
+    return f'"{value}"'
+
+
+# The sections, in file order: each field of Config but `source` (its default is the section's).
+SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(Config)
+                             if f.name != "source"}
+
+
+def declarations() -> list[Key]:
+    """Every config key, in file order: what the loader reads and the reference documents."""
+    keys = []
+    for section, cls in SECTIONS.items():
+        defaults = cls()
+        for f in fields(cls):
+            meta = f.metadata
+            shown = meta["shown"] or _shown(getattr(defaults, f.name))
+            keys.append(Key(section, f.name, meta["value"].kind, shown, meta["doc"],
+                            meta["reload"]))
+    return keys
+
+
+# Settings bound at start: a reload that changes them says so, and they change on restart.
+RESTART_KEYS = tuple(key.path for key in declarations() if not key.reload)
+
+
+def setting_of(config: Config, path: str) -> object:
+    section, name = path.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def _section(name: str, raw: Any, source: str) -> dict[str, Any]:
-    parsers = _SECTIONS[name][1]
+    parsers = {f.name: f.metadata["value"].parse for f in fields(SECTIONS[name])}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
     values: dict[str, Any] = {}
@@ -465,9 +556,9 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     for name in raw:
-        if name not in _SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
-    sections = {name: _section(name, raw.get(name, {}), source) for name in _SECTIONS}
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
+    sections = {name: _section(name, raw.get(name, {}), source) for name in SECTIONS}
 
     def flag(name: str, parse: Callable[[], Any]) -> Any:
         try:

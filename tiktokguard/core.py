@@ -13,11 +13,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tiktokguard.config import Config, PolicyConfig
+from tiktokguard.config import RESTART_KEYS, Config, PolicyConfig, setting_of
 from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import AnswerCache
 from tiktokguard.dns.pipeline import IncidentSink, MacSource, Pipeline
 from tiktokguard.dns.ratelimit import RateLimiter
+from tiktokguard.dns.runtime import Runtime, TcpLimits
 from tiktokguard.dns.server import ServerState, start_listeners
 from tiktokguard.dns.upstream import UpstreamPool
 from tiktokguard.metrics import Metrics
@@ -25,12 +26,6 @@ from tiktokguard.netfilter import Backstop, make_backend
 from tiktokguard.policy.clients import ClientClassifier, DeviceIndex
 from tiktokguard.policy.domains import DomainMatcher, ListError, load_lists
 from tiktokguard.policy.engine import COUNTERMEASURES, PolicyEngine
-
-# Settings bound at start: a reload that changes them says so, and they change on restart.
-RESTART_KEYS = ("dns.listen", "dns.workers", "http.listen", "state.dir",
-                "policy.neighbour_table", "netfilter.backend", "netfilter.table",
-                "netfilter.set_v4", "netfilter.set_v6", "netfilter.exempt_v4",
-                "netfilter.exempt_v6", "netfilter.exempt_mac")
 
 
 def list_paths(policy: PolicyConfig) -> tuple[Path, ...]:
@@ -46,13 +41,10 @@ def load_policy_lists(policy: PolicyConfig) -> tuple[DomainMatcher, DomainMatche
 
 def build_engine(config: Config, devices: DeviceIndex | None = None) -> PolicyEngine:
     """The policy engine for a config (also used by `tiktokguard check`). Raises ListError."""
-    policy = config.policy
-    if devices is None:
-        devices = DeviceIndex()
-    classifier = ClientClassifier(config.dns.allow_clients, policy.managed_networks,
-                                  policy.edns_mac_trusted_relays, devices)
-    matcher, doh = load_policy_lists(policy)
-    return PolicyEngine(matcher, classifier, policy.bypass_countermeasures, doh)
+    matcher, doh = load_policy_lists(config.policy)
+    return PolicyEngine(matcher, make_classifier(config, DeviceIndex() if devices is None
+                                                 else devices),
+                        config.policy.bypass_countermeasures, doh)
 
 
 def list_stamp(paths: tuple[Path, ...]) -> tuple[tuple[int, int] | None, ...]:
@@ -68,60 +60,91 @@ def list_stamp(paths: tuple[Path, ...]) -> tuple[tuple[int, int] | None, ...]:
     return tuple(stamps)
 
 
-def _setting(config: Config, key: str) -> object:
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
+def keep_bound(old: Config, new: Config) -> Config:
+    """`new` with the values of `old` for every key bound at start (RESTART_KEYS)."""
+    kept: dict[str, dict[str, Any]] = {}
+    for key in RESTART_KEYS:
+        section, name = key.split(".")
+        kept.setdefault(section, {})[name] = setting_of(old, key)
+    return replace(new, **{section: replace(getattr(new, section), **values)
+                           for section, values in kept.items()})
+
+
+def make_classifier(config: Config, devices: DeviceIndex) -> ClientClassifier:
+    policy = config.policy
+    return ClientClassifier(config.dns.allow_clients, policy.managed_networks,
+                            policy.edns_mac_trusted_relays, devices)
 
 
 class DnsCore:
+    """Owns the query path's objects. What configuration and lists decide is one Runtime value
+    (dns/runtime.py), built here and swapped into the pipeline whole; `config` is the parsed
+    configuration it was built from."""
+
     def __init__(self, config: Config, metrics: Metrics, devices: DeviceIndex,
                  incidents: IncidentSink | None, macs: MacSource | None,
                  clock: Callable[[], float]) -> None:
         self.config = config
         self.metrics = metrics
         self.devices = devices
-        self.engine = build_engine(config, devices)  # raises ListError before binding
-        self._declare_rules()
+        engine = build_engine(config, devices)  # raises ListError before binding
+        self._declare_rules(engine)
         self.cache = AnswerCache(config.dns.cache_size, config.dns.cache_max_bytes)
-        self.pool = self._make_pool(config)
-        self.pipeline = Pipeline(self.engine, self.cache, self.pool, self._make_blocks(config),
-                                 metrics, incidents=incidents, macs=macs, clock=clock)
-        self.pipeline.ratelimit = self._make_ratelimit(config)
-        self.pipeline.max_ttl = config.dns.max_ttl
-        self.pipeline.max_negative_ttl = config.dns.max_negative_ttl
-        self.server = ServerState(self.pipeline, config.dns.tcp_idle_timeout_ms / 1000,
-                                  config.dns.max_tcp_connections, config.dns.max_tcp_per_client)
         backend = make_backend(config.netfilter)
-        self.backstop = (Backstop(config.netfilter, backend, metrics, lambda: self.engine.matcher,
-                                  lambda: self.pool) if backend is not None else None)
-        self.pipeline.backstop = self.backstop
+        self.backstop = (Backstop(lambda: self.config.netfilter, backend, metrics,
+                                  lambda: self.runtime.engine.matcher, lambda: self.runtime.pool)
+                         if backend is not None else None)
+        self.pipeline = Pipeline(self._build(config, engine, None), self.cache, metrics,
+                                 incidents=incidents, macs=macs, backstop=self.backstop,
+                                 clock=clock)
+        self.server = ServerState(self.pipeline)
         self.listeners: list[asyncio.BaseTransport | asyncio.Server] = []
         self.list_error: str | None = None
         self.list_stamp = list_stamp(list_paths(config.policy))
 
-    def _declare_rules(self) -> None:
-        engine = self.engine
+    @property
+    def runtime(self) -> Runtime:
+        return self.pipeline.runtime
+
+    @property
+    def engine(self) -> PolicyEngine:
+        return self.pipeline.runtime.engine
+
+    @property
+    def pool(self) -> UpstreamPool:
+        return self.pipeline.runtime.pool
+
+    def _declare_rules(self, engine: PolicyEngine) -> None:
         rules = list(engine.matcher.rules.values()) + list(COUNTERMEASURES)
         if engine.doh is not None:
             rules += engine.doh.rules.values()
         self.metrics.stats.declare_rules(rules)
 
-    def _make_pool(self, config: Config) -> UpstreamPool:
-        stats = self.metrics.stats
-        stats.declare_upstreams(str(u) for u in config.dns.upstreams)
-        return UpstreamPool(config.dns.upstreams, config.dns.upstream_timeout_ms / 1000,
-                            observe=stats.observe_upstream, count_error=stats.count_upstream_error)
-
-    @staticmethod
-    def _make_ratelimit(config: Config) -> RateLimiter | None:
-        dns = config.dns
-        return RateLimiter(dns.rate_limit_qps, dns.rate_limit_burst) if dns.rate_limit_qps else None
-
-    @staticmethod
-    def _make_blocks(config: Config) -> BlockAnswers:
-        policy = config.policy
-        return BlockAnswers(policy.block_mode, policy.block_ttl, policy.redirect_ipv4,
-                            policy.redirect_ipv6)
+    def _build(self, config: Config, engine: PolicyEngine, old: Runtime | None) -> Runtime:
+        """The Runtime for a config: the parts whose settings did not change are kept (the pool
+        its upstreams' health, the rate limiter its buckets)."""
+        dns, policy = config.dns, config.policy
+        was = self.config.dns
+        if old is not None and (dns.upstreams, dns.upstream_timeout_ms) == (
+                was.upstreams, was.upstream_timeout_ms):
+            pool = old.pool
+        else:
+            stats = self.metrics.stats
+            stats.declare_upstreams(str(u) for u in dns.upstreams)
+            pool = UpstreamPool(dns.upstreams, dns.upstream_timeout_ms / 1000,
+                                observe=stats.observe_upstream,
+                                count_error=stats.count_upstream_error)
+        if old is not None and (dns.rate_limit_qps, dns.rate_limit_burst) == (
+                was.rate_limit_qps, was.rate_limit_burst):
+            ratelimit = old.ratelimit
+        else:
+            ratelimit = (RateLimiter(dns.rate_limit_qps, dns.rate_limit_burst)
+                         if dns.rate_limit_qps else None)
+        blocks = BlockAnswers(policy.block_mode, policy.block_ttl, policy.redirect_ipv4,
+                              policy.redirect_ipv6)
+        tcp = TcpLimits(dns.tcp_idle_timeout_ms / 1000, dns.max_tcp_connections,
+                        dns.max_tcp_per_client)
+        return Runtime(engine, blocks, pool, ratelimit, dns.max_ttl, dns.max_negative_ttl, tcp)
 
     # -- listeners ------------------------------------------------------------------------------
 
@@ -146,37 +169,21 @@ class DnsCore:
     # -- reloads --------------------------------------------------------------------------------
 
     def apply(self, new: Config) -> list[str]:
-        """Apply a re-read config to everything that can change without rebinding; returns the
-        keys (RESTART_KEYS) whose change waits for a restart."""
+        """Put a re-read config in force: everything but the keys bound at start, which are
+        returned when they changed (a restart applies them). One swap of the runtime."""
         old = self.config
-        needs_restart = [key for key in RESTART_KEYS if _setting(old, key) != _setting(new, key)]
-        kept_netfilter: dict[str, Any] = {key.split(".")[1]: _setting(old, key)
-                                          for key in RESTART_KEYS if key.startswith("netfilter.")}
-        new = replace(new, dns=replace(new.dns, listen=old.dns.listen, workers=old.dns.workers),
-                      http=replace(new.http, listen=old.http.listen), state=old.state,
-                      policy=replace(new.policy, neighbour_table=old.policy.neighbour_table),
-                      netfilter=replace(new.netfilter, **kept_netfilter))
-        policy = new.policy
-        self.engine.classifier = ClientClassifier(new.dns.allow_clients, policy.managed_networks,
-                                                  policy.edns_mac_trusted_relays, self.devices)
-        self.engine.countermeasures = policy.bypass_countermeasures
-        self.pipeline.blocks = self._make_blocks(new)
-        if (new.dns.rate_limit_qps, new.dns.rate_limit_burst) != (old.dns.rate_limit_qps,
-                                                                  old.dns.rate_limit_burst):
-            self.pipeline.ratelimit = self._make_ratelimit(new)
-        if (new.dns.upstreams, new.dns.upstream_timeout_ms) != (old.dns.upstreams,
-                                                                old.dns.upstream_timeout_ms):
-            self.pool.close()
-            self.pool = self.pipeline.pool = self._make_pool(new)
-        self.cache.resize(new.dns.cache_size, new.dns.cache_max_bytes)
-        self.pipeline.max_ttl, self.pipeline.max_negative_ttl = (new.dns.max_ttl,
-                                                                 new.dns.max_negative_ttl)
-        self.server.tcp_idle_timeout = new.dns.tcp_idle_timeout_ms / 1000
-        self.server.max_tcp = new.dns.max_tcp_connections
-        self.server.max_tcp_per_client = new.dns.max_tcp_per_client
-        if self.backstop is not None:
-            self.backstop.config = new.netfilter
+        needs_restart = [key for key in RESTART_KEYS
+                         if setting_of(old, key) != setting_of(new, key)]
+        new = keep_bound(old, new)
+        current = self.runtime
+        engine = PolicyEngine(current.engine.matcher, make_classifier(new, self.devices),
+                              new.policy.bypass_countermeasures, current.engine.doh)
+        runtime = self._build(new, engine, current)
+        self.pipeline.runtime = runtime
         self.config = new
+        if runtime.pool is not current.pool:
+            current.pool.close()
+        self.cache.resize(new.dns.cache_size, new.dns.cache_max_bytes)
         return needs_restart
 
     async def reload_lists(self) -> DomainMatcher:
@@ -190,9 +197,11 @@ class DnsCore:
             self.list_error = str(exc)
             self.list_stamp = stamp
             raise
-        self.engine.matcher = matcher
-        self.engine.doh = doh
-        self._declare_rules()
+        current = self.runtime
+        engine = PolicyEngine(matcher, current.engine.classifier,
+                              current.engine.countermeasures, doh)
+        self._declare_rules(engine)
+        self.pipeline.runtime = replace(current, engine=engine)
         # Cached answers remember which blocked name they lead to (CNAME inspection); with new
         # lists that may have changed.
         self.cache.clear()

@@ -15,6 +15,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from tiktokguard.api.app import make_app
 from tiktokguard.api.auth import TokenTable, ensure_tokens
 from tiktokguard.api.server import ApiServer
@@ -33,7 +35,7 @@ from tiktokguard.neighbours import NeighbourTable
 from tiktokguard.netfilter import Exemptions
 from tiktokguard.policy.clients import DeviceIndex
 from tiktokguard.policy.domains import ListError
-from tiktokguard.policy.engine import PolicyEngine
+from tiktokguard.policy.engine import Decision, PolicyEngine
 from tiktokguard.sdnotify import Notifier
 from tiktokguard.workers import WorkerPool
 
@@ -56,16 +58,16 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self.devices = DeviceIndex()
-        self.incidents = IncidentAggregator(
-            config.incidents.window_seconds, self.metrics, config.incidents.webhook_url,
-            config.incidents.retention_days, config.incidents.max_rows,
-            describe=self._describe_client, clock=clock, max_open=config.incidents.max_open)
+        self.incidents = IncidentAggregator(config.incidents, self.metrics,
+                                            describe=self._describe_client, clock=clock)
         self.neighbours = (NeighbourTable(self.metrics, lambda: self.devices.has_macs)
                            if config.policy.neighbour_table else None)
         # Raises ListError (a bad list) before anything is bound.
         self.core = DnsCore(config, self.metrics, self.devices, self.incidents, self.neighbours,
                             clock)
-        self.workers = WorkerPool(self, config.dns.workers)
+        self.workers = WorkerPool(config.dns.workers, config=lambda: self.core.config,
+                                  devices=lambda: self.devices, stats=self.metrics.stats,
+                                  blocked=lambda entry: self.incidents.merge(*entry))
         self.store: Store | None = None
         self.devices_service: DeviceService | None = None
         self.tokens = TokenTable({})
@@ -119,7 +121,12 @@ class Daemon:
         await self.workers.start()
         if self.config.http.listen is not None:
             # Its own thread and loop: no HTTP client can delay DNS (api/server.py).
-            api = ApiServer(make_app(self), self.config.http.listen,
+            app = make_app(devices=self.devices_service, store=store,
+                           tokens=lambda: self.tokens, http_settings=lambda: self.config.http,
+                           readiness=self.readiness, collect_metrics=self.collect_metrics,
+                           sync_incidents=self.sync_incidents, decide=self.decide,
+                           reload_lists=self.api_reload_lists)
+            api = ApiServer(app, self.config.http.listen,
                             on_refused=self.metrics.api_connections_refused.inc)
             await api.start()
             stack.push_async_callback(api.stop)
@@ -207,7 +214,7 @@ class Daemon:
                         log.warning("restart_required", reason=reason, keys=needs_restart,
                                     detail="these settings change only when tiktokguard "
                                            "restarts")
-                    self._apply_control(self.config)
+                    self.incidents.settings = self.config.incidents
                     await self._load_tokens()
                     log.info("config_reloaded", reason=reason, config=self.config.source)
                 if self.core.backstop is not None:
@@ -215,14 +222,6 @@ class Daemon:
                 return await self._reload_lists(reason)
             finally:
                 self.notifier.ready(self.status_line())
-
-    def _apply_control(self, config: Config) -> None:
-        incidents = config.incidents
-        self.incidents.window = incidents.window_seconds
-        self.incidents.webhook_url = incidents.webhook_url
-        self.incidents.retention_days = incidents.retention_days
-        self.incidents.max_rows = incidents.max_rows
-        self.incidents.max_open = incidents.max_open
 
     async def _reload_lists(self, reason: str) -> bool:
         try:
@@ -233,7 +232,7 @@ class Daemon:
                       kept_rules=len(self.engine.matcher))
             return False
         # The workers re-read config and lists too; reported done when they all have.
-        await self.workers.request("reload", seconds=10)
+        await self.workers.request("reload", self.config, seconds=10)
         self.metrics.blocklist_rules.set(len(matcher))
         log.info("blocklists_reloaded", reason=reason, rules=len(matcher))
         return True
@@ -307,6 +306,26 @@ class Daemon:
 
     def readiness_problems(self) -> list[str]:
         return [f"{name}: {state}" for name, (ok, state) in self.readiness().items() if not ok]
+
+    # -- what the API is given (api/app.py make_app) --------------------------------------------
+
+    async def collect_metrics(self) -> bytes:
+        await self.workers.report()  # every DNS process's counts, as of now
+        self.refresh_gauges()
+        return generate_latest(self.metrics.registry)
+
+    async def sync_incidents(self) -> None:
+        await self.workers.report()  # blocked queries the worker processes have not sent yet
+        await self.incidents.flush()
+
+    def decide(self, client: str, name: str, mac: str | None) -> Decision:
+        """The decision a query for name from client (and mac) would get now. ValueError for a
+        name that is not one."""
+        return self.engine.decide_text(client, name, self.clock(), mac=mac)
+
+    async def api_reload_lists(self, reason: str) -> tuple[bool, int, str | None]:
+        ok = await self.reload_lists(reason)
+        return ok, len(self.engine.matcher), self.list_error
 
     def status_line(self) -> str:
         return (f"serving: {len(self.engine.matcher)} rules, "

@@ -29,6 +29,7 @@ from typing import Any
 import dnslib
 
 from tiktokguard import rfc3339
+from tiktokguard.config import IncidentsConfig
 from tiktokguard.devices.store import Store
 from tiktokguard.dns.wire import Query
 from tiktokguard.logs import get_logger
@@ -99,18 +100,14 @@ class Incident:
 class IncidentAggregator:
     """Aggregation (pure, time passed in) plus the background work of emitting incidents."""
 
-    def __init__(self, window_seconds: float, metrics: Metrics, webhook_url: str = "",
-                 retention_days: int = 90, max_rows: int = 100_000,
+    def __init__(self, settings: IncidentsConfig, metrics: Metrics,
                  describe: Callable[[str, str | None], str | None] | None = None,
-                 clock: Callable[[], float] = time.time, max_open: int = MAX_OPEN) -> None:
-        self.window = window_seconds
+                 clock: Callable[[], float] = time.time) -> None:
+        # [incidents] as in force; a reload replaces it whole (one assignment).
+        self.settings = settings
         self.metrics = metrics
-        self.webhook_url = webhook_url
-        self.retention_days = retention_days
-        self.max_rows = max_rows
         self.describe = describe
         self.clock = clock
-        self.max_open = max_open
         self.store: Store | None = None
         # (client, rule) → its incident, oldest first (see the module's docstring)
         self.open: OrderedDict[tuple[str, str], Incident] = OrderedDict()
@@ -125,6 +122,14 @@ class IncidentAggregator:
         self._storm_logged = float("-inf")
 
     # -- per query (hot path) ---------------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        return self.settings.window_seconds
+
+    @property
+    def max_open(self) -> int:
+        return self.settings.max_open
 
     def blocked(self, client_ip: str, mac: str | None, query: Query, rule: str,
                 now: float) -> None:
@@ -246,7 +251,7 @@ class IncidentAggregator:
             self._expire(self.clock())
 
     def _post(self, kind: str, event: dict[str, Any]) -> None:
-        if not self.webhook_url:
+        if not self.settings.webhook_url:
             return
         payload = {"event": kind, "timestamp": rfc3339.format_time(self.clock()), **event}
         try:
@@ -279,8 +284,8 @@ class IncidentAggregator:
     async def prune(self) -> int:
         assert self.store is not None
         now = self.clock()
-        before = now - self.retention_days * 86_400
-        return await self.store.prune_incidents(rfc3339.format_time(before), self.max_rows)
+        before = now - self.settings.retention_days * 86_400
+        return await self.store.prune_incidents(rfc3339.format_time(before), self.settings.max_rows)
 
     async def webhook_worker(self) -> None:
         """POST each queued incident; retries with backoff, drops counted, never blocks DNS."""
@@ -292,7 +297,7 @@ class IncidentAggregator:
                 event = await self._queue.get()
                 for attempt in range(WEBHOOK_TRIES):
                     try:
-                        async with session.post(self.webhook_url, json=event) as response:
+                        async with session.post(self.settings.webhook_url, json=event) as response:
                             if response.status < 300:
                                 self.metrics.webhook_sent.inc()
                                 break

@@ -401,10 +401,12 @@ def make_backend(config: NetfilterConfig) -> KernelSets | None:
 class Backstop:
     """Learns addresses of blocked names and keeps them in the kernel sets, in the background."""
 
-    def __init__(self, config: NetfilterConfig, backend: KernelSets, metrics: Metrics,
-                 matcher: Callable[[], DomainMatcher], pool: Callable[[], UpstreamPool],
+    def __init__(self, settings: Callable[[], NetfilterConfig], backend: KernelSets,
+                 metrics: Metrics, matcher: Callable[[], DomainMatcher],
+                 pool: Callable[[], UpstreamPool],
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.config = config
+        self.settings = settings  # [netfilter] as in force (a reload changes it)
+        config = settings()
         self.backend = backend
         self.metrics = metrics
         self.matcher = matcher
@@ -432,6 +434,10 @@ class Backstop:
         self._exempt_logged: Exemptions | None = None
         self._exempt_error: str | None = None
         self._exempt_lock = asyncio.Lock()
+
+    @property
+    def config(self) -> NetfilterConfig:
+        return self.settings()
 
     # -- from the DNS path (sync, cheap) ------------------------------------------------------
 

@@ -5,7 +5,8 @@ answers DNS itself; each extra worker answers DNS only, on the same addresses (S
 kernel spreads clients over the sockets). A worker is a DnsCore and a pipe to the main process:
 
   main → worker   ("devices", [...], seq)  the allowlisted devices, after every change
-                  ("reload", None, seq)    re-read config and lists (after the main process did)
+                  ("reload", Config, seq)  the config the main process put in force: apply it,
+                                           and re-read the lists (after the main process did)
                   ("report", None, seq)    send your counters now (a scrape, an incident list)
                   ("stop", None, 0)        answer what is in flight, then exit
   worker → main   ("ready", index)         listeners bound
@@ -24,12 +25,13 @@ import asyncio
 import contextlib
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tiktokguard.config import ConfigError, Overrides, load_config
+from tiktokguard.config import Config
 from tiktokguard.core import DnsCore
 from tiktokguard.incidents import BlockedBatch
 from tiktokguard.logs import get_logger
@@ -37,9 +39,6 @@ from tiktokguard.metrics import Metrics, QueryStats
 from tiktokguard.neighbours import NeighbourTable
 from tiktokguard.policy.clients import Device, DeviceIndex
 from tiktokguard.policy.domains import ListError
-
-if TYPE_CHECKING:
-    from tiktokguard.daemon import Daemon
 
 REPORT_SECONDS = 1.0
 START_SECONDS = 30.0
@@ -63,7 +62,7 @@ def devices_from_snapshot(snapshot: list[tuple[Any, ...]]) -> list[Device]:
 # -- in the worker process ---------------------------------------------------------------------
 
 
-def worker_main(source: str | None, overrides: Overrides, index: int, conn: Connection,
+def worker_main(config: Config, index: int, conn: Connection,
                 devices: list[tuple[Any, ...]]) -> None:
     """Entry point of a worker process (multiprocessing, spawn)."""
     from tiktokguard import logs
@@ -76,12 +75,11 @@ def worker_main(source: str | None, overrides: Overrides, index: int, conn: Conn
     else:
         runner = uvloop.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(_serve(source, overrides, index, conn, devices))
+        runner(_serve(config, index, conn, devices))
 
 
-async def _serve(source: str | None, overrides: Overrides, index: int, conn: Connection,
+async def _serve(config: Config, index: int, conn: Connection,
                  snapshot: list[tuple[Any, ...]]) -> None:
-    config = load_config(source, overrides)
     metrics = Metrics()
     devices = DeviceIndex(devices_from_snapshot(snapshot))
     batch = BlockedBatch()
@@ -98,17 +96,15 @@ async def _serve(source: str | None, overrides: Overrides, index: int, conn: Con
         tasks.append(loop.create_task(core.backstop.run()))
         # (no `changed` hook needed: a device change arrives as a message, handled below)
 
-    async def reload() -> None:
+    async def reload(new: Config) -> None:
         if core.backstop is not None:
             core.backstop.request_check()
-        try:
-            core.apply(await asyncio.to_thread(load_config, source, overrides))
+        core.apply(new)  # parsed and checked by the main process
+        with contextlib.suppress(ListError):  # the main process has said why; lists are kept
             await core.reload_lists()
-        except (ConfigError, ListError):
-            pass  # the main process has said why; this worker keeps what is in force
 
-    async def reload_and_ack(seq: int) -> None:
-        await reload()
+    async def reload_and_ack(new: Config, seq: int) -> None:
+        await reload(new)
         with contextlib.suppress(OSError, ValueError):
             conn.send(("ack", seq))
 
@@ -125,7 +121,7 @@ async def _serve(source: str | None, overrides: Overrides, index: int, conn: Con
         elif kind == "report":
             _report(conn, metrics, batch)
         elif kind == "reload":
-            tasks.append(loop.create_task(reload_and_ack(seq)))
+            tasks.append(loop.create_task(reload_and_ack(payload, seq)))
             return  # acknowledged once the reload is done
         elif kind == "stop":
             stop.set()
@@ -171,9 +167,17 @@ class Worker:
 class WorkerPool:
     """The main process's view of its workers: start, message, restart, stop."""
 
-    def __init__(self, daemon: Daemon, count: int) -> None:
-        self.daemon = daemon
+    def __init__(self, count: int, config: Callable[[], Config],
+                 devices: Callable[[], DeviceIndex], stats: QueryStats,
+                 blocked: Callable[[tuple[Any, ...]], None]) -> None:
+        """count: DNS processes in all (this one included); config: the config in force;
+        devices: the allowlisted devices; stats: this process's counters, which carry the
+        workers' (`others`); blocked: takes a worker's summed blocked-query entry."""
         self.count = count
+        self.config = config
+        self.devices = devices
+        self.stats = stats
+        self.blocked = blocked
         self.workers: dict[int, Worker] = {}
         self.context = multiprocessing.get_context("spawn")
         self.stopping = False
@@ -188,12 +192,9 @@ class WorkerPool:
     async def _spawn(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         parent, child = self.context.Pipe(duplex=True)
-        config = self.daemon.config
-        source = None if config.source == "<embedded default>" else config.source
         process = self.context.Process(
             target=worker_main, name=f"tiktokguard-dns-{index}", daemon=True,
-            args=(source, self.daemon.overrides, index, child,
-                  device_snapshot(self.daemon.devices)))
+            args=(self.config(), index, child, device_snapshot(self.devices())))
         process.start()
         child.close()
         worker = Worker(index, process, parent, QueryStats())
@@ -218,10 +219,10 @@ class WorkerPool:
                 future.set_result(None)
         elif kind == "stats":
             worker.stats = QueryStats.from_snapshot(payload)
-            self.daemon.metrics.stats.others = [w.stats for w in self.workers.values()]
+            self.stats.others = [w.stats for w in self.workers.values()]
         elif kind == "blocked":
             for entry in payload:
-                self.daemon.incidents.merge(*entry)
+                self.blocked(entry)
         elif kind == "ack":
             future = self._waiting.pop((worker.index, payload), None)
             if future is not None and not future.done():
@@ -237,9 +238,9 @@ class WorkerPool:
             return
         if not self.stopping:
             # Keep its counts (they are cumulative) by folding them into the main process's.
-            self.daemon.metrics.stats.absorb(worker.stats)
+            self.stats.absorb(worker.stats)
             del self.workers[worker.index]
-            self.daemon.metrics.stats.others = [w.stats for w in self.workers.values()]
+            self.stats.others = [w.stats for w in self.workers.values()]
             log.error("dns_worker_died", worker=worker.index,
                       exitcode=worker.process.exitcode)
             task = loop.create_task(self._respawn(worker.index))
@@ -283,7 +284,7 @@ class WorkerPool:
         return not late
 
     async def devices_changed(self) -> None:
-        await self.request("devices", device_snapshot(self.daemon.devices))
+        await self.request("devices", device_snapshot(self.devices()))
 
     async def report(self) -> None:
         """Fresh counters and blocked-query batches from every worker."""

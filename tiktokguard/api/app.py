@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from tiktokguard.api.auth import role_allows
 from tiktokguard.api.openapi import openapi_document, query_parameters
@@ -25,15 +25,29 @@ from tiktokguard.logs import get_logger
 from tiktokguard.policy.clients import normalise_mac
 
 if TYPE_CHECKING:
-    from tiktokguard.daemon import Daemon
+    from tiktokguard.api.auth import TokenTable
+    from tiktokguard.config import HttpConfig
     from tiktokguard.devices.service import DeviceService
     from tiktokguard.devices.store import Store
+    from tiktokguard.policy.engine import Decision
 
-# Typed keys for what the handlers use (the store and the device service exist before the API
-# starts, so they are never None here).
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+Readiness = dict[str, tuple[bool, str]]  # component → (ready, state)
+# What a list reload did: (done, rules in force, why not).
+ReloadResult = tuple[bool, int, str | None]
+
+# One typed key per service the handlers use, each given to make_app by name: the API sees
+# these and nothing else of the daemon. (The store and the device service exist before the API
+# starts, so they are never None here.)
 DEVICES: web.AppKey[DeviceService] = web.AppKey("devices")
 STORE: web.AppKey[Store] = web.AppKey("store")
+TOKENS: web.AppKey[Callable[[], TokenTable]] = web.AppKey("tokens")  # the table in force
+HTTP_SETTINGS: web.AppKey[Callable[[], HttpConfig]] = web.AppKey("http_settings")
+READINESS: web.AppKey[Callable[[], Readiness]] = web.AppKey("readiness")
+# Brings the stored incidents up to date (the workers' blocked queries, counts in memory).
+SYNC_INCIDENTS: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("sync_incidents")
+# (client, name, mac) → the decision a query would get now
+DECIDE: web.AppKey[Callable[[str, str, str | None], Decision]] = web.AppKey("decide")
+RELOAD_LISTS: web.AppKey[Callable[[str], Awaitable[ReloadResult]]] = web.AppKey("reload_lists")
 ACTOR = web.RequestKey("actor", str)
 MAX_BODY = 64 * 1024
 METRICS_INTERVAL = 1.0
@@ -69,7 +83,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
                 response = error(401, "missing bearer token")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="tiktokguard"'
                 return response
-            identity = request.app[DAEMON].tokens.authenticate(token.strip())
+            identity = request.app[TOKENS]().authenticate(token.strip())
             if identity is None:
                 response = error(401, "unknown token")
                 response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
@@ -148,10 +162,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 @needs(None)
 async def readyz(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    components = {name: {"ready": ok, "state": state}
-                  for name, (ok, state) in daemon.readiness().items()}
-    problems = daemon.readiness_problems()
+    readiness = request.app[READINESS]()
+    components = {name: {"ready": ok, "state": state} for name, (ok, state) in readiness.items()}
+    problems = [f"{name}: {state}" for name, (ok, state) in readiness.items() if not ok]
     if problems:
         return web.json_response({"status": "not ready", "problems": problems,
                                   "components": components}, status=503)
@@ -160,13 +173,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 @needs(None)
 async def metrics(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    if daemon.config.http.metrics_token:
+    if request.app[HTTP_SETTINGS]().metrics_token:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or daemon.tokens.authenticate(token.strip()) is None:
+        if scheme.lower() != "bearer" or request.app[TOKENS]().authenticate(
+                token.strip()) is None:
             return error(401, "metrics need a viewer token ([http] metrics_token = true)")
-    body = await request.app[METRICS_PAGE].render(daemon)
+    body = await request.app[METRICS_PAGE].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -176,25 +189,24 @@ class MetricsPage:
     and every request waiting then shares it. A scraper in a loop costs the main loop one
     rendering a second, not one a request."""
 
-    def __init__(self) -> None:
+    def __init__(self, collect: Callable[[], Awaitable[bytes]]) -> None:
+        self.collect = collect  # every DNS process's counts as of now, in the exposition format
         self.rendered_at = float("-inf")
         self.pending: asyncio.Task[bytes] | None = None
 
-    async def render(self, daemon: Daemon) -> bytes:
+    async def render(self) -> bytes:
         # A task of its own: a client that goes away cancels its wait, not the rendering.
         pending = self.pending
         if pending is None:
-            pending = self.pending = asyncio.get_running_loop().create_task(self._render(daemon))
+            pending = self.pending = asyncio.get_running_loop().create_task(self._render())
         return await asyncio.shield(pending)
 
-    async def _render(self, daemon: Daemon) -> bytes:
+    async def _render(self) -> bytes:
         try:
             wait = self.rendered_at + METRICS_INTERVAL - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await daemon.workers.report()  # every DNS process's counts, as of now
-            daemon.refresh_gauges()
-            return generate_latest(daemon.metrics.registry)
+            return await self.collect()
         finally:
             self.rendered_at = time.monotonic()
             self.pending = None
@@ -262,9 +274,7 @@ async def audit(request: web.Request) -> web.Response:
 
 @needs("viewer")
 async def incidents(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    await daemon.workers.report()  # blocked queries the worker processes have not sent yet
-    await daemon.incidents.flush()
+    await request.app[SYNC_INCIDENTS]()
     rows = await request.app[STORE].incidents(_since(request),
                                               request.query.get("client"),
                                               request.query.get("rule"),
@@ -290,9 +300,8 @@ async def decision(request: web.Request) -> web.Response:
         mac = normalise_mac(mac_text) if mac_text else None
     except ValueError as exc:
         raise ValidationError("mac", str(exc)) from None
-    daemon = request.app[DAEMON]
     try:
-        result = daemon.engine.decide_text(client, name, daemon.clock(), mac=mac)
+        result = request.app[DECIDE](client, name, mac)
     except ValueError as exc:
         raise ValidationError("name", f"invalid name: {exc}") from None
     device = result.device
@@ -308,12 +317,10 @@ async def decision(request: web.Request) -> web.Response:
 
 @needs("admin")
 async def reload(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    ok = await daemon.reload_lists("api")
+    ok, rules, why = await request.app[RELOAD_LISTS]("api")
     if not ok:
-        return error(422, f"lists not reloaded, previous lists kept: {daemon.list_error}",
-                     "blocklists")
-    return web.json_response({"status": "reloaded", "rules": len(daemon.engine.matcher)})
+        return error(422, f"lists not reloaded, previous lists kept: {why}", "blocklists")
+    return web.json_response({"status": "reloaded", "rules": rules})
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
@@ -333,14 +340,23 @@ ROUTES: list[tuple[str, str, Handler]] = [
 ]
 
 
-def make_app(daemon: Daemon) -> web.Application:
+def make_app(*, devices: DeviceService, store: Store, tokens: Callable[[], TokenTable],
+             http_settings: Callable[[], HttpConfig], readiness: Callable[[], Readiness],
+             collect_metrics: Callable[[], Awaitable[bytes]],
+             sync_incidents: Callable[[], Awaitable[None]],
+             decide: Callable[[str, str, str | None], Decision],
+             reload_lists: Callable[[str], Awaitable[ReloadResult]]) -> web.Application:
+    """The API over the services it is given (each under its key above)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_and_auth])
-    if daemon.devices_service is None or daemon.store is None:
-        raise RuntimeError("the API needs the store and the device service: start them first")
-    app[DAEMON] = daemon
-    app[DEVICES] = daemon.devices_service
-    app[STORE] = daemon.store
-    app[METRICS_PAGE] = MetricsPage()
+    app[DEVICES] = devices
+    app[STORE] = store
+    app[TOKENS] = tokens
+    app[HTTP_SETTINGS] = http_settings
+    app[READINESS] = readiness
+    app[SYNC_INCIDENTS] = sync_incidents
+    app[DECIDE] = decide
+    app[RELOAD_LISTS] = reload_lists
+    app[METRICS_PAGE] = MetricsPage(collect_metrics)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app

@@ -31,10 +31,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import (
-    MAX_NEGATIVE_TTL,
-    MAX_TTL,
     SERVFAIL_TTL,
     AnswerCache,
     CacheEntry,
@@ -43,7 +40,8 @@ from tiktokguard.dns.cache import (
     cap_ttls,
 )
 from tiktokguard.dns.ratelimit import RateLimiter
-from tiktokguard.dns.upstream import AllUpstreamsFailed, UpstreamPool
+from tiktokguard.dns.runtime import Runtime
+from tiktokguard.dns.upstream import AllUpstreamsFailed
 from tiktokguard.dns.wire import (
     BADVERS,
     CD,
@@ -71,7 +69,7 @@ from tiktokguard.dns.wire import (
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
 from tiktokguard.policy.clients import ClientClass, mac_to_text
-from tiktokguard.policy.engine import Decision, PolicyEngine, Verdict
+from tiktokguard.policy.engine import Decision, Verdict
 
 log = get_logger()
 Result = bytes | None | Coroutine[Any, Any, bytes | None]
@@ -111,22 +109,19 @@ class MacSource(Protocol):
 
 
 class Pipeline:
-    def __init__(self, engine: PolicyEngine, cache: AnswerCache, pool: UpstreamPool,
-                 blocks: BlockAnswers, metrics: Metrics, incidents: IncidentSink | None = None,
-                 macs: MacSource | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.engine = engine
+    def __init__(self, runtime: Runtime, cache: AnswerCache, metrics: Metrics,
+                 incidents: IncidentSink | None = None, macs: MacSource | None = None,
+                 backstop: AddressLearner | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        # Replaced whole by a reload (dns/runtime.py); read once per stage, never written into.
+        self.runtime = runtime
         self.cache = cache
-        self.pool = pool
-        self.blocks = blocks
         self.metrics = metrics
         self.incidents = incidents
         self.macs = macs
         self.clock = clock
         self.stats = metrics.stats
-        self.backstop: AddressLearner | None = None
-        self.ratelimit: RateLimiter | None = None
-        self.max_ttl = MAX_TTL
-        self.max_negative_ttl = MAX_NEGATIVE_TTL
+        self.backstop = backstop
         self._errors_logged: dict[tuple[str, str, int], float] = {}
 
     # -- read, serve at all?, decide, cache ----------------------------------------------------
@@ -149,16 +144,18 @@ class Pipeline:
         except Exception as exc:  # a bug in the reader: the packet is all we can echo
             return self._failed(None, data, transport, started, exc)
         try:
-            ratelimit = self.ratelimit
+            rt = self.runtime
+            ratelimit = rt.ratelimit
             if (ratelimit is not None and transport == "udp"
                     and not ratelimit.allow(client_ip, time.monotonic())):
                 return self._limited(query, ratelimit, client_ip, started)
             if not query.flags & RD or query.qclass != CLASS_IN or query.qtype in _ZONE_TRANSFERS:
                 return self._refuse(query, client_ip, transport, started)
             now = self.clock()
-            mac = (None if query.mac is None and not self.engine.classifier.devices.has_macs
+            engine = rt.engine
+            mac = (None if query.mac is None and not engine.classifier.devices.has_macs
                    else self._mac(query, client_ip))
-            decision = self.engine.decide(client_ip, mac, query.qname, now)
+            decision = engine.decide(client_ip, mac, query.qname, now)
             verdict = decision.verdict
             if verdict == Verdict.REFUSED:
                 return self.finish(query, decision, response(query, REFUSED), client_ip, mac,
@@ -167,7 +164,7 @@ class Pipeline:
                 if mac is None and self._may_learn_mac(client_ip):
                     return self._decide_after_learning(query, client_ip, transport, now,
                                                        started)
-                wire = (self.blocks.blocked(query, decision.rule)  # type: ignore[arg-type]
+                wire = (rt.blocks.blocked(query, decision.rule)  # type: ignore[arg-type]
                         if decision.countermeasure_rcode is None
                         else self._blocked(query, decision))
                 return self.finish(query, decision, wire, client_ip, mac, transport, now, started)
@@ -203,7 +200,7 @@ class Pipeline:
             return self._forward(query, decision, client_ip, mac, transport, started)
         self.stats.cache_hits += 1
         if entry.chain_rule is not None:
-            decision = self.engine.after_chain(decision, entry.chain_rule)
+            decision = self.runtime.engine.after_chain(decision, entry.chain_rule)
             if decision.verdict == Verdict.BLOCKED:
                 return self.finish(query, decision, self._blocked(query, decision), client_ip,
                                    mac, transport, now, started)
@@ -215,15 +212,15 @@ class Pipeline:
     def _mac(self, query: Query, client_ip: str) -> str | None:
         # A MAC from EDNS is believed only from a configured relay (DESIGN §1): anyone else
         # could claim a social media device's MAC.
-        if query.mac is not None and self.engine.classifier.trusts_mac_from(client_ip):
+        if query.mac is not None and self.runtime.engine.classifier.trusts_mac_from(client_ip):
             return mac_to_text(query.mac)
-        if self.macs is not None and self.engine.classifier.devices.has_macs:
+        if self.macs is not None and self.runtime.engine.classifier.devices.has_macs:
             return self.macs.mac_of(client_ip)
         return None
 
     def _may_learn_mac(self, client_ip: str) -> bool:
         macs = self.macs
-        return (macs is not None and self.engine.classifier.devices.has_macs
+        return (macs is not None and self.runtime.engine.classifier.devices.has_macs
                 and macs.unknown(client_ip))
 
     async def _decide_after_learning(self, query: Query, client_ip: str, transport: str,
@@ -234,7 +231,7 @@ class Pipeline:
         try:
             assert self.macs is not None
             mac = await self.macs.learn(client_ip)
-            decision = self.engine.decide(client_ip, mac, query.qname, now)
+            decision = self.runtime.engine.decide(client_ip, mac, query.qname, now)
             if decision.verdict == Verdict.BLOCKED:
                 return self.finish(query, decision, self._blocked(query, decision), client_ip,
                                    mac, transport, now, started)
@@ -246,8 +243,8 @@ class Pipeline:
     def _blocked(self, query: Query, decision: Decision) -> bytes:
         rule = decision.rule or ""
         if decision.countermeasure_rcode is not None:
-            return self.blocks.countermeasure(query, decision.countermeasure_rcode, rule)
-        return self.blocks.blocked(query, rule)
+            return self.runtime.blocks.countermeasure(query, decision.countermeasure_rcode, rule)
+        return self.runtime.blocks.blocked(query, rule)
 
     @staticmethod
     def _error(decision: Decision) -> Decision:
@@ -259,7 +256,7 @@ class Pipeline:
                        transport: str, started: float) -> bytes | None:
         try:
             try:
-                reply = await self.pool.resolve(query.qname, query.qtype, query.qclass,
+                reply = await self.runtime.pool.resolve(query.qname, query.qtype, query.qclass,
                                                 query.flags, query.do)
             except AllUpstreamsFailed as exc:
                 # RFC 9520 §3.2: remember the failure briefly, so a retry storm does not hit
@@ -275,10 +272,11 @@ class Pipeline:
                                    entry.answer(query, now, transport == "udp"), client_ip, mac,
                                    transport, now, started)
             now = self.clock()
+            rt = self.runtime  # (the one in force now that the answer is here)
             wire, index = strip_opt(reply.wire, reply.index)
             try:
                 # CNAME inspection (DESIGN §2) reads every owner and CNAME/DNAME target.
-                chain_rule = (self.engine.chain_rule(chain_names(wire, index))
+                chain_rule = (rt.engine.chain_rule(chain_names(wire, index))
                               if index.other_names else None)
             except ValueError:
                 # A name that cannot be read: nobody gets the answer (for a managed client,
@@ -286,16 +284,16 @@ class Pipeline:
                 self.stats.count_upstream_error(reply.upstream.name, "malformed")
                 return self.finish(query, self._error(decision), response(query, SERVFAIL),
                                    client_ip, mac, transport, now, started)
-            wire = cap_ttls(wire, index.ttl_offsets, self.max_ttl)
+            wire = cap_ttls(wire, index.ttl_offsets, rt.max_ttl)
             entry = CacheEntry(wire, index.ttl_offsets, now,
-                               now + cache_ttl(index, self.max_ttl, self.max_negative_ttl),
+                               now + cache_ttl(index, rt.max_ttl, rt.max_negative_ttl),
                                index.question_end, chain_rule,
                                index.additional_at if index.arcount else 0, index.ede,
                                index.rcode == SERVFAIL)
             self.cache.put(cache_key(query), entry)
             if self.backstop is not None and (decision.rule is not None or chain_rule is not None):
                 self.backstop.answer(wire, index)  # a listed name's addresses, for the kernel sets
-            decision = self.engine.after_chain(decision, chain_rule)
+            decision = rt.engine.after_chain(decision, chain_rule)
             if decision.verdict == Verdict.BLOCKED:
                 out = self._blocked(query, decision)
             else:

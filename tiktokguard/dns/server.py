@@ -44,12 +44,8 @@ UDP_BUFFER_BYTES = 4 * 1024 * 1024
 class ServerState:
     """What the listeners share: the pipeline and the tasks of queries in flight."""
 
-    def __init__(self, pipeline: Pipeline, tcp_idle_timeout: float, max_tcp: int,
-                 max_tcp_per_client: int = 64) -> None:
-        self.pipeline = pipeline
-        self.tcp_idle_timeout = tcp_idle_timeout
-        self.max_tcp = max_tcp
-        self.max_tcp_per_client = max_tcp_per_client
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline  # its runtime holds the TCP limits in force (a reload swaps it)
         # Open TCP connections, the one idle longest first (moved to the end on activity).
         self.tcp_connections: OrderedDict[TcpProtocol, None] = OrderedDict()
         self.tcp_per_client: dict[str, int] = {}
@@ -58,6 +54,9 @@ class ServerState:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.servers: list[asyncio.Server] = []
         self.stopping = False
+
+    def idle_timeout(self) -> float:
+        return self.pipeline.runtime.tcp.idle_timeout
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -69,10 +68,11 @@ class ServerState:
         """Room for a new connection from this client? Sheds the longest-idle connection
         when every slot is taken; False when the client has its share or nothing is idle."""
         client = connection.client_ip
-        if self.tcp_per_client.get(client, 0) >= self.max_tcp_per_client:
+        limits = self.pipeline.runtime.tcp
+        if self.tcp_per_client.get(client, 0) >= limits.max_per_client:
             self.tcp_refused += 1
             return False
-        if len(self.tcp_connections) >= self.max_tcp:
+        if len(self.tcp_connections) >= limits.max_connections:
             for other in self.tcp_connections:  # longest idle first
                 if other.idle():
                     other.close()
@@ -168,7 +168,7 @@ class TcpProtocol(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=OUTPUT_HIGH, low=OUTPUT_LOW)  # type: ignore[attr-defined]
         self.last_active = time.monotonic()
-        self.idle_handle = asyncio.get_running_loop().call_later(self.state.tcp_idle_timeout,
+        self.idle_handle = asyncio.get_running_loop().call_later(self.state.idle_timeout(),
                                                                  self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -199,12 +199,13 @@ class TcpProtocol(asyncio.Protocol):
         timeout: cheaper than a new timer per message.)"""
         if self.transport is None:
             return
-        left = self.last_active + self.state.tcp_idle_timeout - time.monotonic()
+        timeout = self.state.idle_timeout()
+        left = self.last_active + timeout - time.monotonic()
         if left <= 0 and self.inflight == 0:
             self.transport.close()
             return
-        self.idle_handle = asyncio.get_running_loop().call_later(
-            max(left, self.state.tcp_idle_timeout / 4), self._check_idle)
+        self.idle_handle = asyncio.get_running_loop().call_later(max(left, timeout / 4),
+                                                                 self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
