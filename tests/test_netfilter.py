@@ -433,7 +433,7 @@ def test_exemptions_skip_inactive_and_expired_devices_and_merge_networks() -> No
 
 WRITE_MANY = """
 from tiktokguard.config import NetfilterConfig
-from tiktokguard.netfilter import NftablesSets
+from tiktokguard.netfilter.nftables import NftablesSets
 sets = NftablesSets(NetfilterConfig(backend="nftables"))
 sets.ensure()
 sets.add([(f"10.0.{i >> 8}.{i & 255}", 600) for i in range(3000)],
