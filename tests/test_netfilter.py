@@ -484,3 +484,83 @@ async def test_names_blocked_before_the_backstop_is_ready_are_learned_when_it_is
         v4, v6 = await written(tg, recorder)
         assert v4 == [("192.0.2.66", 60)] and v6 == [("2001:db8::66", 3600)]
         assert backstop.early == {}
+
+
+FIRST_QUERY = """
+import sys, time, dns.exception, dns.message, dns.query
+query = dns.message.make_query(sys.argv[1], "A")
+deadline = time.monotonic() + 20
+while True:  # from the daemon's launch on: the first query it answers at all
+    try:
+        reply = dns.query.udp(query, "127.0.0.1", port=5353, timeout=0.005)
+        break
+    except (dns.exception.Timeout, ConnectionRefusedError, OSError):
+        if time.monotonic() > deadline:
+            raise
+print(reply.rcode())
+"""
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (apt-get install nftables)")
+async def test_a_name_blocked_as_the_daemon_starts_is_learned(netns: str, tmp_path: Path) -> None:
+    # A managed client blocked in the very first moments (the DNS port just opened, the kernel
+    # sets not checked yet, /readyz not yet green) must still see the name's addresses learned.
+    config = namespace_config(tmp_path, "nftables")
+    async with process_in(netns, "-m", "tests.fakes", "127.0.0.1", "5300", ready="ready"):
+        first = asyncio.create_task(python_in(netns, "-c", FIRST_QUERY, "www.tiktokv.com"))
+        async with process_in(netns, "-m", "tiktokguard", "serve", "--config", str(config),
+                              "--log-format", "json", ready='"started"') as daemon:
+            assert (await first).strip() == "3"  # NXDOMAIN: blocked
+            ready = await wait_event(daemon, "netfilter_ready")
+            added = 0
+            while added < 2:
+                added += int(str((await wait_event(daemon, "netfilter_sets_updated"))["added"]))
+    assert ready["queued"] == 1  # it was blocked before the backend was ready
+    listing = json.loads((await asyncio.to_thread(
+        subprocess.run,
+        ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "tiktokguard"],
+        capture_output=True, text=True, check=True)).stdout)
+    sets = {item["set"]["name"]: item["set"] for item in listing["nftables"] if "set" in item}
+    assert [e["elem"]["val"] for e in sets["tiktok_v4"]["elem"]] == ["192.0.2.66"]
+
+
+async def test_readyz_waits_for_the_backstop_and_names_it(tmp_path: Path,
+                                                          upstream: FakeUpstream) -> None:
+    import threading
+
+    import aiohttp
+
+    gate = threading.Event()
+
+    class SlowToStart(Recorder):
+        def ensure(self) -> object:
+            gate.wait(10)  # the kernel sets not checked yet
+            return super().ensure()
+
+    recorder = SlowToStart()
+
+    def use_recorder(daemon: Daemon) -> None:
+        assert daemon.core.backstop is not None
+        daemon.core.backstop.backend = recorder
+
+    config = '[netfilter]\nbackend = "nftables"\n'
+    async with running_daemon(tmp_path, [upstream.address], extra=config, http=True,
+                              prepare=use_recorder) as tg, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{tg.http_port}/readyz"
+        try:
+            async with http.get(url) as response:
+                body = await response.json()
+                assert response.status == 503
+                assert body["components"]["backstop"] == {"ready": False, "state": "starting"}
+                assert body["problems"] == ["backstop: starting"]
+                assert all(c["ready"] for name, c in body["components"].items()
+                           if name != "backstop")
+        finally:
+            gate.set()
+        backstop = tg.daemon.core.backstop
+        assert backstop is not None
+        await backstop.started.wait()
+        async with http.get(url) as response:
+            body = await response.json()
+            assert response.status == 200, body
+            assert body["components"]["backstop"] == {"ready": True, "state": "ready"}

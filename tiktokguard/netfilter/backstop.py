@@ -184,7 +184,8 @@ class Backstop:
         recreated = self.ready and (generation != self.generation if generation is not None
                                     else rewrite)
         if not self.ready:
-            log.info("netfilter_ready", backend=self.config.backend)
+            # queued: names blocked before now, learned from here on
+            log.info("netfilter_ready", backend=self.config.backend, queued=len(self.early))
         if not self.ready or generation is None or recreated:
             self.exempt_written = None  # unknown (ipset) or gone: write the exemptions again
         self.generation = generation
