@@ -20,6 +20,20 @@ from tiktokguard.policy.domains import ListError
 from tiktokguard.policy.engine import Verdict
 
 EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
+# Every exit status, by command (docs/reference.md is generated from this).
+EXIT_CODES: tuple[tuple[str, int, str], ...] = (
+    ("serve", EXIT_OK, "stopped by SIGTERM or SIGINT, queries in flight answered"),
+    ("serve", 1, "an unexpected error after start (a traceback on stderr); systemd restarts it"),
+    ("serve", EXIT_USAGE, "bad configuration or list file, an address that cannot be bound, a "
+                          "state database newer than this version: one line on stderr; the unit "
+                          "does not restart (RestartPreventExitStatus=2)"),
+    ("check", EXIT_OK, "the name would be resolved for that client"),
+    ("check", EXIT_BLOCKED, "the name would be blocked (or the client refused)"),
+    ("check", EXIT_USAGE, "bad usage or configuration"),
+    ("devices", EXIT_OK, "done"),
+    ("devices", 1, "the API said no (4xx/5xx); its error on stderr"),
+    ("devices", EXIT_USAGE, "bad usage, no token, or the API cannot be reached"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:

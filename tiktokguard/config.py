@@ -228,7 +228,7 @@ TOKENS = Value("table NAME = { role = \"admin\" | \"viewer\", sha256 = \"64 hex 
 def setting(default: Any, value: Value, doc: str, *, reload: bool = True,
             shown: str | None = None) -> Any:
     """A config key's declaration (a dataclass field). `shown` is the default as the reference
-    prints it, where the field's default is not what the loader fills in."""
+    prints it (Markdown), where the field's default is not what the loader fills in."""
     metadata = {"value": value, "doc": doc, "reload": reload, "shown": shown}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
@@ -295,7 +295,7 @@ class PolicyConfig:
     blocklists: tuple[Path, ...] = setting(
         (), _list_of(PATH),
         "List files (domains, hosts or ||name^ lines); relative paths from the config's folder, "
-        "then the bundled lists.", shown=f'["{DEFAULT_BLOCKLIST}"]')
+        "then the bundled lists.", shown=f'`["{DEFAULT_BLOCKLIST}"]`')
     block_mode: str = setting(
         "nxdomain", _choice(BLOCK_MODES),
         "How a blocked name is answered: nxdomain | null | refused | redirect.")
@@ -310,7 +310,7 @@ class PolicyConfig:
         "Answer NXDOMAIN to managed clients for public DoH/DoT resolvers' names (doh_lists).")
     doh_lists: tuple[Path, ...] = setting(
         (), _list_of(PATH), "Lists of public encrypted-DNS names.",
-        shown=f'["{DEFAULT_DOH_LIST}"]')
+        shown=f'`["{DEFAULT_DOH_LIST}"]`')
     edns_mac_trusted_relays: tuple[IPNetwork, ...] = setting(
         (), _list_of(NETWORK), "Relays whose EDNS0 MAC option (65001) is believed.")
     redirect_ipv4: str | None = setting(
@@ -448,7 +448,7 @@ def declarations() -> list[Key]:
         defaults = cls()
         for f in fields(cls):
             meta = f.metadata
-            shown = meta["shown"] or _shown(getattr(defaults, f.name))
+            shown = meta["shown"] or f"`{_shown(getattr(defaults, f.name))}`"
             keys.append(Key(section, f.name, meta["value"].kind, shown, meta["doc"],
                             meta["reload"]))
     return keys

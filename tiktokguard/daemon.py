@@ -44,6 +44,14 @@ DRAIN_SECONDS = 5.0
 EXPIRY_CHECK_SECONDS = 60.0
 UPSTREAM_READY_WINDOW = 30.0
 DB_FILE = "tiktokguard.sqlite3"
+# The signals the daemon acts on (docs/reference.md is generated from this).
+SIGNALS: dict[str, str] = {
+    "SIGTERM": "stop: stop taking queries, answer those in flight (at most 5 s), flush incident "
+               "counts, exit 0",
+    "SIGINT": "the same as SIGTERM",
+    "SIGHUP": "reload: re-read the config file and the list files; keys that need a restart "
+              "are named in a restart_required event (systemctl reload)",
+}
 log = get_logger()
 
 __all__ = ["Daemon", "build_engine"]
@@ -166,7 +174,7 @@ class Daemon:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.notifier.close)
             await self.start(stack)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT):  # (SIGNALS)
                 loop.add_signal_handler(sig, self._stop.set)
                 stack.callback(loop.remove_signal_handler, sig)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))

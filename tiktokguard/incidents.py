@@ -1,7 +1,7 @@
 """Incidents: blocked queries of managed clients, aggregated per (client, rule) and window.
 
 The policy treats violations as IT offences and has incidents reported to the IT department
-(shared/policy, "Related policies" and "Second phase"). The SOC needs one event per incident, not
+(docs/policy.md: "Related policies" and "Second phase"). The SOC needs one event per incident, not
 one per packet: the first blocked query of a (client, rule) opens an incident; further ones within
 `incidents.window_seconds` raise its count. A new incident is logged once as a JSON line, stored
 (bounded retention) and optionally POSTed to a webhook. The per-query part (`blocked`) only

@@ -30,3 +30,52 @@ def configure(json: bool | None = None, level: int = logging.INFO) -> None:
 
 def get_logger(name: str = "tiktokguard") -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+# Every event the daemon logs: name → (level, when it is logged). Admins and the SOC filter by
+# these names; docs/reference.md is generated from this table, and a test fails when the code
+# logs an event that is not here, or at another level.
+EVENTS: dict[str, tuple[str, str]] = {
+    "started": ("info", "serving: listen addresses, upstreams, rules, workers, config file"),
+    "stopping": ("info", "SIGTERM/SIGINT: queries in flight are answered (at most 5 s)"),
+    "stopped": ("info", "everything closed; the process exits 0"),
+    "admin_token_created": ("info", "first start without tokens: the generated admin token's "
+                                    "path"),
+    "config_reloaded": ("info", "SIGHUP: the config re-read and in force"),
+    "config_reload_failed": ("error", "SIGHUP: the config has an error; the one in force stays"),
+    "restart_required": ("warning", "a reload changed keys that only a restart applies"),
+    "blocklists_reloaded": ("info", "the lists re-read (SIGHUP, a file changed, the API)"),
+    "blocklists_reload_failed": ("error", "a list file is missing or has a bad line (file and "
+                                          "line); the lists in force stay"),
+    "policy_violation": ("warning", "a new incident: a managed client asked for a blocked name"),
+    "incident_storm": ("warning", "the open-incident table is full: untracked queries, since "
+                                  "when, top rules"),
+    "incident_flush_failed": ("error", "incidents could not be written (disk full...); DNS goes "
+                                       "on"),
+    "incident_webhook_dropped": ("warning", "an incident the webhook never got, and why"),
+    "api_request": ("info", "an API call: method, path, actor, ms; never a token"),
+    "http_thread_failed": ("error", "the HTTP API's thread stopped after start (DNS goes on)"),
+    "query_failed": ("error", "a query answered SERVFAIL by the pipeline's catch-all: a bug; "
+                              "its traceback, once a minute per cause"),
+    "dns_worker_died": ("error", "`dns.workers` > 1: a worker process exited; it is restarted"),
+    "dns_worker_restarted": ("info", "a worker process runs again"),
+    "dns_worker_restart_failed": ("error", "a worker process could not be started again"),
+    "dns_worker_slow": ("warning", "workers did not carry out a request in time (device "
+                                   "change, reload, scrape)"),
+    "neighbour_table_unreadable": ("warning", "the kernel neighbour table could not be read "
+                                              "(MACs unknown meanwhile)"),
+    "netfilter_ready": ("info", "the kernel sets' backend is usable; `queued`: names blocked "
+                                "before, learned now"),
+    "netfilter_unavailable": ("error", "the kernel sets' backend is not usable (retried every "
+                                       "10 s)"),
+    "netfilter_sets_updated": ("info", "addresses written to the kernel sets"),
+    "netfilter_exemptions_updated": ("info", "the exemption sets rewritten after a device "
+                                             "change"),
+    "netfilter_sets_restored": ("warning", "the sets were made anew (a firewall reload) and "
+                                           "filled again"),
+    "netfilter_write_failed": ("error", "addresses could not be written (counted, retried)"),
+    "netfilter_exempt_failed": ("error", "the exemption sets could not be written (retried "
+                                         "every 10 s)"),
+    "netfilter_mac_exemptions_unavailable": ("warning", "ipset: the kernel has no hash:mac; "
+                                                        "MAC exemptions are off"),
+}

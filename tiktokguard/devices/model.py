@@ -1,8 +1,8 @@
 """Social media devices as IT manages them: the record, its JSON form and input validation.
 
-No I/O. The policy (shared/policy, "First phase") asks that each social media device comes from a
-service request (ticket) naming its account custodian and their supervisor, and is kept in a
-designated storage location; those are the fields here. Validation errors name the field.
+No I/O. The policy (docs/policy.md; its "First phase") asks that each social media device comes
+from a service request (ticket) naming its account custodian and their supervisor, and is kept in
+a designated storage location; those are the fields here. Validation errors name the field.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Addresses are learned from answers that tiktokguard forwards for listed names (t
 clients and allowlisted devices) and by shadow resolution: when a managed client is blocked, the
 daemon resolves the name upstream itself, in the background. Only A/AAAA records whose owner name
 the list blocks are used: a CDN address reached through a CNAME is shared with unrelated services
-and is never added (README, "Network-level backstop").
+and is never added (docs/operations.md, "The firewall backstop").
 
 A second group of sets, the exemptions, holds the allowlisted social media devices (their
 addresses and CIDRs, and their MACs), rewritten as a whole in one kernel transaction whenever a

@@ -1,7 +1,7 @@
 """The policy decision: who asks (client class) and what is asked (list match) → Decision.
 
 Pure: no I/O, time passed in. The table is DESIGN §1; the university's TikTok policy
-(shared/policy) decides it: "The use of TikTok on a device provided by the university ... is
+(docs/policy.md) decides it: "The use of TikTok on a device provided by the university ... is
 prohibited", including "the web version"; a social media device is the one exception; privately
 owned devices "may be used as individuals see fit".
 """
