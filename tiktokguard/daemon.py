@@ -85,14 +85,34 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self.metrics.blocklist_rules.set(len(self.engine.matcher))
 
-    # The DNS core's parts, as the API and the tests reach them.
-    config = property(lambda self: self.core.config)
-    engine: PolicyEngine = property(lambda self: self.core.engine)  # type: ignore[assignment]
-    cache: AnswerCache = property(lambda self: self.core.cache)  # type: ignore[assignment]
-    pool: UpstreamPool = property(lambda self: self.core.pool)  # type: ignore[assignment]
-    pipeline: Pipeline = property(lambda self: self.core.pipeline)  # type: ignore[assignment]
-    server: ServerState = property(lambda self: self.core.server)  # type: ignore[assignment]
-    list_error = property(lambda self: self.core.list_error)
+    # The DNS core's parts, typed, for the tests and tools that look inside a running daemon.
+    @property
+    def config(self) -> Config:
+        return self.core.config
+
+    @property
+    def engine(self) -> PolicyEngine:
+        return self.core.engine
+
+    @property
+    def cache(self) -> AnswerCache:
+        return self.core.cache
+
+    @property
+    def pool(self) -> UpstreamPool:
+        return self.core.pool
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.core.pipeline
+
+    @property
+    def server(self) -> ServerState:
+        return self.core.server
+
+    @property
+    def list_error(self) -> str | None:
+        return self.core.list_error
 
     # -- lifecycle --------------------------------------------------------------------------
 
