@@ -94,7 +94,7 @@ async def test_a_full_table_gives_one_storm_event_a_window() -> None:
 
 # -- upstream health ---------------------------------------------------------------------------
 
-def test_upstream_backoff_cannot_overflow() -> None:
+async def test_upstream_backoff_cannot_overflow() -> None:
     from tiktokguard.config import HostPort
 
     pool = UpstreamPool((HostPort("127.0.0.1", 9),), 0.1, clock=lambda: 1000.0)
@@ -103,6 +103,10 @@ def test_upstream_backoff_cannot_overflow() -> None:
         pool._failed(upstream, "timeout")
     assert upstream.failures == 5_000
     assert upstream.down_until == pytest.approx(1060.0)  # the longest back-off, 60 s
+    assert upstream.srtt == pytest.approx(0.4)  # and its SRTT four timeouts at most
+    assert upstream.probe is not None  # probed back in the background, once
+    pool.close()
+    assert upstream.probe is None
 
 
 async def test_an_incident_flood_over_udp_is_answered_and_bounded(

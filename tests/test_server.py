@@ -313,6 +313,7 @@ async def test_failover_to_next_upstream(tmp_path: Path, upstream: FakeUpstream)
             reply = await tg.ask("a.test")
             assert reply.answer[0][0].address == "192.0.2.1"
             assert len(dead.received) == 1 and len(broken.received) == 1
+            await tg.daemon.pool.settled()  # the dead one's exchange ends with its timeout
             errors = "tiktokguard_upstream_errors_total"
             assert tg.metrics.sample(errors, upstream=dead.address, kind="timeout") == 1
             assert tg.metrics.sample(errors, upstream=broken.address, kind="servfail") == 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tiktokguard.dnsname import text_to_wire
 from tiktokguard.policy.clients import IPNetwork
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -43,6 +44,14 @@ class HostPort:
 class TokenConfig:
     role: str
     sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardZone:
+    """Names in `zones` (and below) go to `upstreams` (conditional forwarding)."""
+
+    zones: tuple[str, ...]  # lower-case, no trailing dot
+    upstreams: tuple[HostPort, ...]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +201,44 @@ def _http_listen(value: Any) -> HostPort | None:
     return parse_hostport(value)
 
 
+def _zone(value: Any) -> str:
+    text = _string_parse(value).strip().rstrip(".").lower()
+    if not text:
+        raise ValueError("the root zone is not a forward zone (it is [dns] upstreams)")
+    try:
+        text_to_wire(text)
+    except (ValueError, UnicodeError) as exc:
+        raise ValueError(f"{value!r} is not a DNS name: {exc}") from None
+    return text
+
+
+def _forward(value: Any) -> tuple[ForwardZone, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of { zones = [...], upstreams = [...] }")
+    out = []
+    seen: set[str] = set()
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) != {"zones", "upstreams"}:
+            raise ValueError(f"[{index}]: expected exactly the keys zones and upstreams")
+        parsed = {}
+        for key, item in (("zones", Value("zone", _zone)), ("upstreams", UPSTREAM)):
+            try:
+                parsed[key] = _list_of(item).parse(entry[key])
+            except ValueError as exc:
+                raise ValueError(f"[{index}].{key}{exc}" if str(exc).startswith("[")
+                                 else f"[{index}].{key}: {exc}") from None
+        zones, upstreams = parsed["zones"], parsed["upstreams"]
+        if not zones or not upstreams:
+            raise ValueError(f"[{index}]: needs at least one zone and one upstream")
+        for zone in zones:
+            if zone in seen:
+                raise ValueError(f"[{index}]: zone {zone!r} is forwarded twice")
+            seen.add(zone)
+        out.append(ForwardZone(zones, upstreams))
+    return tuple(out)
+
+
+FORWARD = Value('list of { zones = ["name", ...], upstreams = ["IP[:PORT]", ...] }', _forward)
 HTTP_LISTEN = Value('address IP:PORT or [IPv6]:PORT, or "" (off)', _http_listen)
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
@@ -248,7 +295,14 @@ class DnsConfig:
         "Upstream resolvers, tried in order of health; empty: the nameservers of "
         "/etc/resolv.conf.", shown="the nameservers of /etc/resolv.conf")
     upstream_timeout_ms: int = setting(
-        1500, _int_in(10, 60_000), "How long one upstream may take before the next is tried.")
+        1500, _int_in(10, 60_000),
+        "How long one upstream may take before it counts as failed (the next is asked sooner: "
+        "after 3 x its smoothed round-trip time, 50 ms at least).")
+    forward: tuple[ForwardZone, ...] = setting(
+        (), FORWARD,
+        "Conditional forwarding: names in these zones (and below; the most specific zone wins, "
+        "reverse zones too) go to their own upstreams. The policy still decides first.",
+        shown="`[]`")
     allow_clients: tuple[IPNetwork, ...] = setting(
         _LOOPBACK_NETS, _list_of(NETWORK),
         "Clients we answer at all; anyone else gets REFUSED (no open resolver).")
@@ -285,6 +339,10 @@ class DnsConfig:
     rate_limit_burst: int = setting(
         0, _int_in(0, 10_000_000),
         "Queries a client may send at once above the rate; 0 means twice rate_limit_qps.")
+    serve_stale: bool = setting(
+        True, BOOL,
+        "While every upstream fails, serve expired answers (up to a day past expiry) with TTL "
+        "30 s and EDE 3 (RFC 8767).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,6 +649,11 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
         if (upstream.host, upstream.port) in own:
             raise ConfigError(f"{source}: [dns] upstreams[{index}]: {upstream} is one of our own "
                               "listen addresses (a forwarding loop)")
+    for index, zone in enumerate(dns.forward):
+        for upstream in zone.upstreams:
+            if (upstream.host, upstream.port) in own:
+                raise ConfigError(f"{source}: [dns] forward[{index}]: {upstream} is one of our "
+                                  "own listen addresses (a forwarding loop)")
 
     policy_values = sections["policy"]
     for key, default in (("blocklists", DEFAULT_BLOCKLIST), ("doh_lists", DEFAULT_DOH_LIST)):

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tiktokguard.config import RESTART_KEYS, Config, PolicyConfig, setting_of
+from tiktokguard.config import RESTART_KEYS, Config, HostPort, PolicyConfig, setting_of
 from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import AnswerCache
 from tiktokguard.dns.pipeline import IncidentSink, MacSource, Pipeline
@@ -21,6 +21,7 @@ from tiktokguard.dns.ratelimit import RateLimiter
 from tiktokguard.dns.runtime import Runtime, TcpLimits
 from tiktokguard.dns.server import ServerState, start_listeners
 from tiktokguard.dns.upstream import UpstreamPool
+from tiktokguard.dnsname import text_to_wire
 from tiktokguard.metrics import Metrics
 from tiktokguard.netfilter import Backstop, make_backend
 from tiktokguard.policy.clients import ClientClassifier, DeviceIndex
@@ -89,7 +90,8 @@ class DnsCore:
         self.devices = devices
         engine = build_engine(config, devices)  # raises ListError before binding
         self._declare_rules(engine)
-        self.cache = AnswerCache(config.dns.cache_size, config.dns.cache_max_bytes)
+        self.cache = AnswerCache(config.dns.cache_size, config.dns.cache_max_bytes,
+                                 config.dns.serve_stale)
         backend = make_backend(config.netfilter)
         self.backstop = (Backstop(lambda: self.config.netfilter, backend, metrics,
                                   lambda: self.runtime.engine.matcher, lambda: self.runtime.pool)
@@ -129,11 +131,15 @@ class DnsCore:
                 was.upstreams, was.upstream_timeout_ms):
             pool = old.pool
         else:
-            stats = self.metrics.stats
-            stats.declare_upstreams(str(u) for u in dns.upstreams)
-            pool = UpstreamPool(dns.upstreams, dns.upstream_timeout_ms / 1000,
-                                observe=stats.observe_upstream,
-                                count_error=stats.count_upstream_error)
+            pool = self._make_pool(dns.upstreams, dns.upstream_timeout_ms)
+        if old is not None and (dns.forward, dns.upstream_timeout_ms) == (
+                was.forward, was.upstream_timeout_ms):
+            forward = old.forward
+        else:
+            forward = {}
+            for zone in dns.forward:
+                zone_pool = self._make_pool(zone.upstreams, dns.upstream_timeout_ms)
+                forward.update((text_to_wire(name), zone_pool) for name in zone.zones)
         if old is not None and (dns.rate_limit_qps, dns.rate_limit_burst) == (
                 was.rate_limit_qps, was.rate_limit_burst):
             ratelimit = old.ratelimit
@@ -144,7 +150,14 @@ class DnsCore:
                               policy.redirect_ipv6)
         tcp = TcpLimits(dns.tcp_idle_timeout_ms / 1000, dns.max_tcp_connections,
                         dns.max_tcp_per_client)
-        return Runtime(engine, blocks, pool, ratelimit, dns.max_ttl, dns.max_negative_ttl, tcp)
+        return Runtime(engine, blocks, pool, ratelimit, dns.max_ttl, dns.max_negative_ttl, tcp,
+                       forward)
+
+    def _make_pool(self, upstreams: tuple[HostPort, ...], timeout_ms: int) -> UpstreamPool:
+        stats = self.metrics.stats
+        stats.declare_upstreams(str(u) for u in upstreams)
+        return UpstreamPool(upstreams, timeout_ms / 1000, observe=stats.observe_upstream,
+                            count_error=stats.count_upstream_error)
 
     # -- listeners ------------------------------------------------------------------------------
 
@@ -156,6 +169,8 @@ class DnsCore:
     def close(self) -> None:
         for item in self.listeners:
             item.close()
+        for pool in self.runtime.pools():
+            pool.close()  # (their sockets, and the probes of set-aside upstreams)
         for connection in list(self.server.tcp_connections):
             if connection.transport is not None:
                 connection.transport.close()
@@ -181,9 +196,13 @@ class DnsCore:
         runtime = self._build(new, engine, current)
         self.pipeline.runtime = runtime
         self.config = new
-        if runtime.pool is not current.pool:
-            current.pool.close()
-        self.cache.resize(new.dns.cache_size, new.dns.cache_max_bytes)
+        kept = {id(pool) for pool in runtime.pools()}
+        for pool in {id(p): p for p in current.pools()}.values():
+            if id(pool) not in kept:
+                pool.close()
+        if runtime.forward is not current.forward:
+            self.cache.clear()  # answers of names whose zone now has other upstreams
+        self.cache.resize(new.dns.cache_size, new.dns.cache_max_bytes, new.dns.serve_stale)
         return needs_restart
 
     async def reload_lists(self) -> DomainMatcher:

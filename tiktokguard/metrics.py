@@ -64,6 +64,7 @@ class QueryStats(Collector):
         self.upstream_recent: dict[str, int] = {}
         self.neighbour_errors = 0
         self.rate_limited = 0
+        self.stale_answers = 0
         self.netfilter: dict[str, int] = dict.fromkeys(NETFILTER_EVENTS, 0)
         self.others: list[QueryStats] = []  # the workers' latest snapshots (main process)
 
@@ -175,6 +176,9 @@ class QueryStats(Collector):
         yield CounterMetricFamily("tiktokguard_dns_rate_limited",
                                   "UDP queries over their client's rate limit (answered REFUSED, "
                                   "or TC=1 every second one)", value=stats.rate_limited)
+        yield CounterMetricFamily("tiktokguard_dns_stale_answers",
+                                  "Expired answers served while every upstream failed "
+                                  "(RFC 8767 serve-stale, TTL 30 s)", value=stats.stale_answers)
         yield CounterMetricFamily("tiktokguard_neighbour_table_errors",
                                   "Failed reads of the kernel neighbour table",
                                   value=stats.neighbour_errors)
@@ -201,7 +205,7 @@ class QueryStats(Collector):
 _FIELDS = ("queries", "blocked", "malformed", "cache_hits", "cache_misses", "latency",
            "latency_sum", "upstream_latency", "upstream_latency_sum", "upstream_errors",
            "upstream_recent",
-           "neighbour_errors", "rate_limited", "netfilter")
+           "neighbour_errors", "rate_limited", "stale_answers", "netfilter")
 
 
 def _add(total: QueryStats, other: QueryStats) -> None:
@@ -223,6 +227,7 @@ def _add(total: QueryStats, other: QueryStats) -> None:
     total.cache_misses += other.cache_misses
     total.neighbour_errors += other.neighbour_errors
     total.rate_limited += other.rate_limited
+    total.stale_answers += other.stale_answers
 
 
 def _buckets(counts: list[int]) -> list[tuple[str, float]]:

@@ -6,6 +6,11 @@ pack. Keyed on (lower-cased wire name, type, class, DO bit, CD bit): an answer f
 checking disabled may be bogus, and RFC 4035 §3.2.2 forbids giving it to a client that asked
 for validated data. Negative answers are cached for min(SOA TTL, SOA MINIMUM) as RFC 2308 §5
 says; failures only briefly (RFC 9520 §3.2).
+
+Serve-stale (RFC 8767), when on: an expired answer stays (within the LRU's bounds) for
+STALE_MAX_AGE past its expiry, and when every upstream fails it is served with TTLs of
+STALE_TTL and EDE 3 "Stale Answer". Served once, it is cached again as such for STALE_TTL: the
+failure recheck timer of RFC 8767 §5, so a dead upstream is not asked for it again meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from tiktokguard.dns.wire import (
     Query,
     RecordIndex,
     additional_that_fits,
+    ede_option,
     opt_record,
     truncate_for_udp,
 )
@@ -33,6 +39,9 @@ MAX_NEGATIVE_TTL = 3_600  # a negative answer an hour at most (unbound's cache-m
 MAX_BYTES = 128 * 1024 * 1024
 NEGATIVE_TTL_WITHOUT_SOA = 30  # a negative answer without SOA: RFC 2308 §5 says "SHOULD NOT" cache
 SERVFAIL_TTL = 5  # RFC 9520: cache resolution failures at least 1 s, and not for long
+STALE_TTL = 30  # RFC 8767 §4: the TTL of a stale answer (and how long it is served as such)
+STALE_MAX_AGE = 86_400  # RFC 8767 §5 suggests 1 to 3 days past expiry at most
+EDE_STALE_ANSWER = 3
 
 CacheKey = tuple[bytes, int, int, bool, int]
 _U16 = struct.Struct("!H")
@@ -57,6 +66,8 @@ class CacheEntry:
     additional_at: int = 0  # offset of the additional section in wire (0: there is none)
     ede: bytes = b""  # the upstream's Extended DNS Error options, passed on to every client
     servfail: bool = False  # a failure (RFC 9520), counted as decision="error" when served
+    stale: bool = False  # served stale (RFC 8767): counted when served
+    stale_until: float = 0.0  # a stale entry: no longer served after this (0: not stale yet)
     _age: int = -1
     _body: bytes = b""  # the records after the question, TTLs counted down by _age seconds
     # Header bytes 2..12 (flags and counts) and the OPT for the last query shape served (its
@@ -147,6 +158,13 @@ def cap_ttls(wire: bytes, ttl_offsets: tuple[int, ...], max_ttl: int) -> bytes:
     return wire if out is None else bytes(out)
 
 
+def set_ttls(wire: bytes, ttl_offsets: tuple[int, ...], ttl: int) -> bytes:
+    out = bytearray(wire)
+    for offset in ttl_offsets:
+        _U32.pack_into(out, offset, ttl)
+    return bytes(out)
+
+
 def entry_bytes(entry: CacheEntry) -> int:
     """What an entry costs in memory, roughly: its answer, the TTL-patched copy served from,
     and the object with its offsets (measured with tracemalloc: ~2 x answer + 400)."""
@@ -157,9 +175,11 @@ class AnswerCache:
     """LRU over CacheEntry, bounded in entries and in bytes; `get` returns only live entries
     and drops expired ones. A 64 KiB TCP answer weighs as much as a few hundred small ones."""
 
-    def __init__(self, max_entries: int, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, max_entries: int, max_bytes: int = MAX_BYTES,
+                 serve_stale: bool = False) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.serve_stale = serve_stale  # expired entries are kept (bounded) to be served stale
         self.bytes = 0
         self._entries: OrderedDict[CacheKey, CacheEntry] = OrderedDict()
 
@@ -171,11 +191,32 @@ class AnswerCache:
         if entry is None:
             return None
         if entry.expires_at <= now:
-            del self._entries[key]
-            self.bytes -= entry_bytes(entry)
+            if not self.serve_stale or entry.servfail or now >= self._stale_limit(entry):
+                del self._entries[key]
+                self.bytes -= entry_bytes(entry)
             return None
         self._entries.move_to_end(key)
         return entry
+
+    @staticmethod
+    def _stale_limit(entry: CacheEntry) -> float:
+        return entry.stale_until or entry.expires_at + STALE_MAX_AGE
+
+    def stale(self, key: CacheKey, now: float) -> CacheEntry | None:
+        """Every upstream failed: the expired answer for key, as a stale answer (TTLs of
+        STALE_TTL, EDE 3), cached as such for STALE_TTL; None when there is none (or serve-stale
+        is off, or it is too old)."""
+        entry = self._entries.get(key)
+        if (entry is None or not self.serve_stale or entry.servfail
+                or now >= self._stale_limit(entry)):
+            return None
+        ede = entry.ede + ede_option(EDE_STALE_ANSWER, "") if not entry.stale else entry.ede
+        stale = CacheEntry(set_ttls(entry.wire, entry.ttl_offsets, STALE_TTL),
+                           entry.ttl_offsets, now, now + STALE_TTL, entry.question_end,
+                           entry.chain_rule, entry.additional_at, ede, stale=True,
+                           stale_until=self._stale_limit(entry))
+        self.put(key, stale)
+        return stale
 
     def put(self, key: CacheKey, entry: CacheEntry) -> None:
         if self.max_entries <= 0 or entry.expires_at <= entry.stored_at:
@@ -200,8 +241,11 @@ class AnswerCache:
         self._entries.clear()
         self.bytes = 0
 
-    def resize(self, max_entries: int, max_bytes: int | None = None) -> None:
+    def resize(self, max_entries: int, max_bytes: int | None = None,
+               serve_stale: bool | None = None) -> None:
         self.max_entries = max_entries
         if max_bytes is not None:
             self.max_bytes = max_bytes
+        if serve_stale is not None:
+            self.serve_stale = serve_stale
         self._shrink()

@@ -199,6 +199,10 @@ class Pipeline:
             self.stats.cache_misses += 1
             return self._forward(query, decision, client_ip, mac, transport, started)
         self.stats.cache_hits += 1
+        return self._from_cache(query, decision, entry, client_ip, mac, transport, now, started)
+
+    def _from_cache(self, query: Query, decision: Decision, entry: CacheEntry, client_ip: str,
+                    mac: str | None, transport: str, now: float, started: float) -> bytes:
         if entry.chain_rule is not None:
             decision = self.runtime.engine.after_chain(decision, entry.chain_rule)
             if decision.verdict == Verdict.BLOCKED:
@@ -206,6 +210,8 @@ class Pipeline:
                                    mac, transport, now, started)
         if entry.servfail:
             decision = self._error(decision)
+        elif entry.stale:
+            self.stats.stale_answers += 1
         return self.finish(query, decision, entry.answer(query, now, transport == "udp"),
                            client_ip, mac, transport, now, started)
 
@@ -256,13 +262,18 @@ class Pipeline:
                        transport: str, started: float) -> bytes | None:
         try:
             try:
-                reply = await self.runtime.pool.resolve(query.qname, query.qtype, query.qclass,
-                                                query.flags, query.do)
+                pool = self.runtime.pool_for(query.qname)
+                reply = await pool.resolve(query.qname, query.qtype, query.qclass, query.flags,
+                                           query.do)
             except AllUpstreamsFailed as exc:
+                now = self.clock()
+                stale = self.cache.stale(cache_key(query), now)
+                if stale is not None:  # RFC 8767: an expired answer beats SERVFAIL
+                    return self._from_cache(query, decision, stale, client_ip, mac, transport,
+                                            now, started)
                 # RFC 9520 §3.2: remember the failure briefly, so a retry storm does not hit
                 # upstreams that are already failing.
                 # The clients served from it get the same EDE as this one.
-                now = self.clock()
                 failure = bare_response(query, SERVFAIL)
                 ede = ede_option(EDE_NETWORK_ERROR, f"upstreams failed: {exc}")
                 entry = CacheEntry(failure, (), now, now + SERVFAIL_TTL, len(failure), ede=ede,

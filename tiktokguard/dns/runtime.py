@@ -8,7 +8,7 @@ the fields of objects it does not own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tiktokguard.dns.answers import BlockAnswers
 from tiktokguard.dns.cache import MAX_NEGATIVE_TTL, MAX_TTL
@@ -33,6 +33,24 @@ class Runtime:
     max_ttl: int = MAX_TTL
     max_negative_ttl: int = MAX_NEGATIVE_TTL
     tcp: TcpLimits = TcpLimits()
+    # Conditional forwarding: zone (wire form) → its own pool (own health, own SRTTs).
+    forward: dict[bytes, UpstreamPool] = field(default_factory=dict)
+
+    def pool_for(self, qname: bytes) -> UpstreamPool:
+        """The pool of the most specific forward zone that holds qname (wire form, lower
+        case), else the default pool. O(labels), on cache misses only."""
+        forward = self.forward
+        if forward:
+            at = 0
+            while at < len(qname) - 1:
+                pool = forward.get(qname[at:])
+                if pool is not None:
+                    return pool
+                at += qname[at] + 1
+        return self.pool
+
+    def pools(self) -> list[UpstreamPool]:
+        return [self.pool, *self.forward.values()]
 
 
 __all__ = ["Runtime", "TcpLimits"]

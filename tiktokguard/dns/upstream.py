@@ -3,8 +3,15 @@
 Each upstream query gets a random ID, goes out from a random source port (a connected socket
 whose port the kernel picks at random, replaced after CHANNEL_USES queries), and a reply is
 accepted only from the upstream's address with our ID and our question: the defences against
-off-path spoofing of RFC 5452 §9. Upstreams are tried in order of health; a truncated UDP reply
-is retried over TCP.
+off-path spoofing of RFC 5452 §9. A truncated UDP reply is retried over TCP.
+
+Which upstream is asked, as Unbound's infrastructure cache and dnsdist do: each upstream has a
+smoothed round-trip time (SRTT); the one with the lowest is asked first, and when it has not
+answered after max(3 x its SRTT, 50 ms) the next is asked too (a hedge): the first usable answer
+wins, and the slower exchange finishes in the background to keep its SRTT honest. A timeout or
+network error raises an upstream's SRTT to at least the timeout at once, so one failure is enough
+to stop preferring it; after FAILURES_BEFORE_DOWN in a row it is set aside (no client waits for
+it) and probed back in the background with a query for the root's NS, on a doubling back-off.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field
 from tiktokguard.config import HostPort
 from tiktokguard.dns.wire import (
     QR,
+    RD,
     REFUSED,
     SERVFAIL,
     TC,
@@ -34,6 +42,11 @@ _HEADER = struct.Struct("!HHHHHH")
 CHANNEL_USES = 64
 FAILURES_BEFORE_DOWN = 3
 DOWN_SECONDS = (5.0, 60.0)  # first and longest back-off of an upstream that keeps failing
+INITIAL_SRTT = 0.05  # an upstream not heard from yet (ties keep the configured order)
+SRTT_WEIGHT = 0.3  # of a new sample (the smoothing of RFC 6298, quicker)
+HEDGE_MIN = 0.05  # the next upstream is asked after max(3 x SRTT, this) at the soonest
+ROOT = b"\x00"
+TYPE_NS = 2
 
 
 class UpstreamError(Exception):
@@ -51,12 +64,17 @@ class AllUpstreamsFailed(Exception):
 @dataclass(slots=True)
 class Upstream:
     address: HostPort
-    failures: int = 0  # consecutive
-    down_until: float = 0.0
+    failures: int = 0  # consecutive timeouts and network errors
+    down_until: float = 0.0  # set aside (probed in the background) until then
     last_success: float = 0.0
     last_failure: float = 0.0
+    srtt: float = INITIAL_SRTT  # seconds
+    probe: asyncio.Task[None] | None = None  # the background probe of a set-aside upstream
     channel: _Channel | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def sample(self, rtt: float) -> None:
+        self.srtt += SRTT_WEIGHT * (rtt - self.srtt)
 
     @property
     def name(self) -> str:
@@ -144,13 +162,18 @@ class UpstreamPool:
         self._clock = clock
         self._inflight: dict[tuple[bytes, int, int, int, bool], asyncio.Future[UpstreamReply]] = {}
         self.created = clock()  # "no answer for N s" counts from here, not from clock zero
+        self.closed = False
+        self._background: set[asyncio.Future[UpstreamReply]] = set()
 
     def ordered(self, now: float) -> list[Upstream]:
-        """Healthy upstreams in configured order, then those backing off (soonest back first)."""
-        healthy = [u for u in self.upstreams if u.down_until <= now]
-        resting = sorted((u for u in self.upstreams if u.down_until > now),
-                         key=lambda u: u.down_until)
-        return healthy + resting
+        """The upstreams to ask, in order: those not set aside, lowest SRTT first (ties in the
+        configured order). Only when every upstream is set aside are they all tried, soonest
+        back first: a client then waits for them, since nothing else can answer."""
+        healthy = sorted((u for u in self.upstreams if u.down_until <= now),
+                         key=lambda u: u.srtt)
+        if healthy:
+            return healthy
+        return sorted(self.upstreams, key=lambda u: u.down_until)
 
     def failing_since(self, now: float, window: float) -> bool:
         """True when upstream exchanges have failed and none succeeded for `window` seconds:
@@ -185,56 +208,144 @@ class UpstreamPool:
 
     async def _resolve(self, qname: bytes, qtype: int, qclass: int, flags: int, do: bool
                        ) -> UpstreamReply:
+        candidates = iter(self.ordered(self._clock()))
+        loop = asyncio.get_running_loop()
+        attempts: dict[asyncio.Future[UpstreamReply], tuple[Upstream, float]] = {}
         last: Exception | None = None
         servfail: UpstreamReply | None = None
-        for upstream in self.ordered(self._clock()):
-            started = self._clock()
-            try:
-                reply = await self._exchange(upstream, qname, qtype, qclass, flags, do)
-            except UpstreamError as exc:
-                self._failed(upstream, exc.kind)
-                last = exc
-                continue
-            now = self._clock()
-            # It answered, so it is alive, whatever it answered: a SERVFAIL or REFUSED for one
-            # name (a lame delegation, a bogus signature, RD=0) is not held against its health,
-            # or any client could make us set a healthy upstream aside. (Readiness, below, counts
-            # only usable answers: an upstream refusing everything is alive but of no use.)
-            upstream.failures = 0
-            upstream.down_until = 0.0
-            rcode = reply.index.rcode
-            if rcode == SERVFAIL and reply.index.dnssec_failure:
-                upstream.last_success = now
-                self._observe(upstream.name, now - started)
-                return reply  # validation failed: another validating upstream would agree
-            if rcode in (SERVFAIL, REFUSED):
-                # This upstream could not answer; another may (failover on SERVFAIL, DESIGN §3).
-                # Not usable, so no latency sample (a refusing upstream is fast) and a bad mark
-                # in the `up` gauge's window.
-                kind = "servfail" if rcode == SERVFAIL else "refused"
-                self._count_error(upstream.name, kind)
-                upstream.last_failure = now
-                last = UpstreamError(kind)
-                if rcode == SERVFAIL:
-                    servfail = reply
-                continue
-            upstream.last_success = now
-            self._observe(upstream.name, now - started)
-            return reply
+
+        def ask() -> Upstream | None:
+            upstream = next(candidates, None)
+            if upstream is not None:
+                task = loop.create_task(self._exchange(upstream, qname, qtype, qclass, flags, do))
+                attempts[task] = (upstream, self._clock())
+            return upstream
+
+        latest = ask()  # the upstream asked last: the hedge delay is its
+        if latest is None:
+            raise AllUpstreamsFailed("no upstreams configured")
+        exhausted = False
+        try:
+            while attempts:
+                hedge = None if exhausted else max(3 * latest.srtt, HEDGE_MIN)
+                done, _ = await asyncio.wait(attempts, timeout=hedge,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                failed = not done  # (no answer within the hedge delay counts as one here)
+                for task in done:
+                    upstream, started = attempts.pop(task)
+                    try:
+                        reply = task.result()
+                    except UpstreamError as exc:
+                        self._failed(upstream, exc.kind)
+                        last, failed = exc, True
+                        continue
+                    usable, kind = self._answered(upstream, reply, started)
+                    if usable:
+                        return reply
+                    last, failed = UpstreamError(kind), True
+                    if reply.index.rcode == SERVFAIL:
+                        servfail = reply
+                if failed and not exhausted:  # slow or failed: the next upstream is asked too
+                    following = ask()
+                    if following is None:
+                        exhausted = True
+                    else:
+                        latest = following
+        finally:
+            for task, (upstream, started) in attempts.items():
+                # Losers finish in the background (bounded by the timeout): their outcome keeps
+                # their SRTT and health true.
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                task.add_done_callback(
+                    lambda t, u=upstream, s=started: self._late(t, u, s))  # type: ignore[misc]
         if servfail is not None:
             return servfail  # the upstream's own SERVFAIL, with its EDE, is the truest answer
-        raise AllUpstreamsFailed(str(last) if last else "no upstreams configured")
+        raise AllUpstreamsFailed(str(last) if last else "no upstream answered")
+
+    async def settled(self) -> None:
+        """Wait until the exchanges that lost a race have ended (tests; at most the timeout)."""
+        while self._background:
+            await asyncio.wait(list(self._background))
+
+    def _answered(self, upstream: Upstream, reply: UpstreamReply, started: float
+                  ) -> tuple[bool, str]:
+        """Account for an answer; (usable, the error kind when it is not)."""
+        now = self._clock()
+        # It answered, so it is alive, whatever it answered: a SERVFAIL or REFUSED for one name
+        # (a lame delegation, a bogus signature) is not held against its health, or any client
+        # could make us set a healthy upstream aside. (Readiness, below, counts only usable
+        # answers: an upstream refusing everything is alive but of no use.)
+        upstream.failures = 0
+        upstream.down_until = 0.0
+        rcode = reply.index.rcode
+        if rcode == SERVFAIL and reply.index.dnssec_failure:
+            upstream.last_success = now
+            upstream.sample(now - started)
+            self._observe(upstream.name, now - started)
+            return True, ""  # validation failed: another validating upstream would agree
+        if rcode in (SERVFAIL, REFUSED):
+            # This upstream could not answer; another may (failover on SERVFAIL, DESIGN §3).
+            # Not usable, so no latency sample (a refusing upstream is fast) and a bad mark in
+            # the `up` gauge's window. REFUSED is the upstream's own doing (its ACL), so it is
+            # no longer preferred; a SERVFAIL may be the name's.
+            kind = "servfail" if rcode == SERVFAIL else "refused"
+            self._count_error(upstream.name, kind)
+            upstream.last_failure = now
+            if rcode == REFUSED:
+                upstream.srtt = max(upstream.srtt, self.timeout)
+            return False, kind
+        upstream.last_success = now
+        upstream.sample(now - started)
+        self._observe(upstream.name, now - started)
+        return True, ""
+
+    def _late(self, task: asyncio.Future[UpstreamReply], upstream: Upstream,
+              started: float) -> None:
+        """An exchange nobody waits for any more (another upstream won) has ended."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, UpstreamError):
+            self._failed(upstream, exc.kind)
+        elif exc is None:
+            self._answered(upstream, task.result(), started)
 
     def _failed(self, upstream: Upstream, kind: str) -> None:
-        """A timeout or network error: the upstream may be down."""
+        """A timeout or network error: the upstream may be down. One is enough to stop
+        preferring it; FAILURES_BEFORE_DOWN in a row set it aside, to be probed back."""
         self._count_error(upstream.name, kind)
-        upstream.last_failure = self._clock()
+        now = self._clock()
+        upstream.last_failure = now
         upstream.failures += 1
+        # (bounded: a long outage must not grow it past what one good sample brings back)
+        upstream.srtt = min(max(2 * upstream.srtt, self.timeout), 4 * self.timeout)
         if upstream.failures >= FAILURES_BEFORE_DOWN:
             first, longest = DOWN_SECONDS
             # (the exponent capped: 2 ** a thousand failures overflows a float)
             doublings = min(upstream.failures - FAILURES_BEFORE_DOWN, 16)
-            upstream.down_until = self._clock() + min(longest, first * 2 ** doublings)
+            wait = min(longest, first * 2 ** doublings)
+            upstream.down_until = now + wait
+            if upstream.probe is None and not self.closed:
+                upstream.probe = asyncio.get_running_loop().create_task(
+                    self._probe(upstream, wait))
+
+    async def _probe(self, upstream: Upstream, wait: float) -> None:
+        """After `wait`, ask a set-aside upstream for the root's NS, with no client waiting: an
+        answer of any kind brings it back (with its SRTT), a failure sets it aside for longer
+        (and schedules the next probe)."""
+        await asyncio.sleep(wait)
+        started = self._clock()
+        try:
+            await self._exchange(upstream, ROOT, TYPE_NS, 1, RD, False)
+        except UpstreamError as exc:
+            upstream.probe = None
+            self._failed(upstream, exc.kind)
+            return
+        upstream.probe = None
+        upstream.failures = 0
+        upstream.down_until = 0.0
+        upstream.srtt = self._clock() - started
 
     async def _exchange(self, upstream: Upstream, qname: bytes, qtype: int, qclass: int,
                         flags: int, do: bool) -> UpstreamReply:
@@ -289,8 +400,13 @@ class UpstreamPool:
             channel.finished(qid)
 
     def close(self) -> None:
-        """Close the upstream sockets (once their queries are done): a pool being replaced."""
+        """Close the upstream sockets (once their queries are done) and stop the probes: a pool
+        being replaced, or the daemon stopping."""
+        self.closed = True
         for upstream in self.upstreams:
+            if upstream.probe is not None:
+                upstream.probe.cancel()
+                upstream.probe = None
             if upstream.channel is not None:
                 upstream.channel.retire()
 
