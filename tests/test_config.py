@@ -39,7 +39,9 @@ def test_embedded_default(resolv: Path) -> None:
     assert config.dns.upstreams == (HostPort("192.0.2.53", 53), HostPort("fe80::1", 53))
     assert config.policy.managed_networks == (ipaddress.ip_network("127.0.0.0/8"),
                                               ipaddress.ip_network("::1/128"))
-    assert config.policy.blocklists == ((BUNDLED_LISTS / "tiktok-bytedance.txt").resolve(),)
+    assert [s.path for s in config.policy.blocklists] == [
+        (BUNDLED_LISTS / "tiktok-bytedance.txt").resolve()]
+    assert config.policy.blocklists[0].mode == "strict"  # the bundled list is read strictly
     assert config.policy.block_mode == "nxdomain" and config.policy.block_ttl == 300
     assert config.policy.bypass_countermeasures is True
     assert config.state.dir == Path.cwd() / "tiktokguard-state"
@@ -82,7 +84,8 @@ dir = "state"
     config = load_config(path, Overrides(upstreams=("192.0.2.9:5353",)), resolv_conf=resolv)
     assert config.dns.listen == (HostPort("127.0.0.1", 5300), HostPort("::1", 5300))
     assert config.dns.upstreams == (HostPort("192.0.2.9", 5353),)
-    assert config.policy.blocklists[1] == (tmp_path / "lists" / "extra.txt").resolve()
+    assert config.policy.blocklists[1].path == (tmp_path / "lists" / "extra.txt").resolve()
+    assert config.policy.blocklists[1].mode == "local"
     assert config.http.listen is None and config.http.tokens["ops"].role == "viewer"
     assert config.state.dir == tmp_path / "state"
     assert config.source == str(path)

@@ -321,9 +321,11 @@ async def test_every_labelled_counter_is_exported_at_zero_from_the_start(
         lists.write_text("newrule.example\n")
         from dataclasses import replace
 
+        from tiktokguard.policy.domains import ListSource
+
         core = tg.daemon.core
-        core.config = replace(core.config, policy=replace(core.config.policy,
-                                                          blocklists=(lists,)))
+        core.config = replace(core.config, policy=replace(
+            core.config.policy, blocklists=(ListSource(str(lists), lists),)))
         await core.reload_lists()
         assert value("tiktokguard_dns_blocked_total", {"rule": "newrule.example"}) == 0
         assert value("tiktokguard_dns_blocked_total", {"rule": "tiktok.com"}) == 0

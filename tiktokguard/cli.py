@@ -115,7 +115,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(f"invalid name {args.name!r}: {exc}")
     print(f"{decision.verdict}\tclient={client} ({decision.client_class.value})"
-          f"\trule={decision.rule or '-'}")
+          f"\trule={decision.rule or '-'}"
+          + (f"\texception={decision.exception}" if decision.exception else ""))
     blocked = decision.verdict in (Verdict.BLOCKED, Verdict.REFUSED)
     return EXIT_BLOCKED if blocked else EXIT_OK
 

@@ -6,6 +6,7 @@ or raises `ConfigError` with one message naming the key and the file, before any
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import tomllib
@@ -16,6 +17,7 @@ from typing import Any
 
 from tiktokguard.dnsname import text_to_wire
 from tiktokguard.policy.clients import IPNetwork
+from tiktokguard.policy.domains import ListSource, normalise_domain
 
 _PACKAGE = Path(__file__).resolve().parent
 # The lists ship inside the package (wheel); an editable install finds them at the repo's top.
@@ -239,6 +241,57 @@ def _forward(value: Any) -> tuple[ForwardZone, ...]:
 
 
 FORWARD = Value('list of { zones = ["name", ...], upstreams = ["IP[:PORT]", ...] }', _forward)
+def _list_entry(value: Any) -> str:
+    text = _string_parse(value).strip()
+    if not text:
+        raise ValueError("an empty list entry")
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.I):
+        _list_url(text)
+    return text
+
+
+def _list_url(text: str) -> None:
+    """https:// anywhere; http:// only from a loopback address (a local mirror), since anyone
+    on the path could rewrite a list fetched in the clear."""
+    match = re.match(r"^(https?)://(\[[^\]]+\]|[^/:?#]+)(:\d+)?(/[^\s]*)?$", text, re.I)
+    if match is None:
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    if match.group(1).lower() == "http":
+        host = match.group(2).strip("[]")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host.lower() == "localhost"
+        if not loopback:
+            raise ValueError(f"{text!r}: lists are fetched over https:// (http:// only from "
+                             "a loopback address)")
+
+
+LIST = Value("path or https:// URL", _list_entry)
+
+
+def _duration(value: Any) -> int:
+    text = _string_parse(value).strip()
+    match = re.fullmatch(r"(\d+)\s*(s|m|h|d)", text)
+    if match is None:
+        raise ValueError(f"expected a duration such as \"30m\", \"6h\" or \"1d\", got {text!r}")
+    seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86_400}[match.group(2)]
+    if not 60 <= seconds <= 30 * 86_400:
+        raise ValueError(f"{text} is out of range (1m..30d)")
+    return seconds
+
+
+DURATION = Value('duration "1m".."30d" (s, m, h, d)', _duration)
+
+
+def _domain(value: Any) -> str:
+    try:
+        return normalise_domain(_string_parse(value))
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+DOMAIN = Value("domain name", _domain)
 HTTP_LISTEN = Value('address IP:PORT or [IPv6]:PORT, or "" (off)', _http_listen)
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
@@ -350,10 +403,19 @@ class PolicyConfig:
     managed_networks: tuple[IPNetwork, ...] = setting(
         _LOOPBACK_NETS, _list_of(NETWORK),
         "University-managed devices live here: the policy applies to them.")
-    blocklists: tuple[Path, ...] = setting(
-        (), _list_of(PATH),
-        "List files (domains, hosts or ||name^ lines); relative paths from the config's folder, "
-        "then the bundled lists.", shown=f'`["{DEFAULT_BLOCKLIST}"]`')
+    blocklists: tuple[ListSource, ...] = setting(
+        (), _list_of(LIST),
+        "Lists (domains, hosts lines, ||name^ and @@||name^ lines): files, relative paths from "
+        "the config's folder and then the bundled lists, or https:// URLs (fetched, refreshed, "
+        "the last good copy kept in the state folder).", shown=f'`["{DEFAULT_BLOCKLIST}"]`')
+    blocklist_refresh: int = setting(
+        86_400, DURATION,
+        "How often URL lists are fetched again (a conditional GET: unchanged lists cost a 304).",
+        shown='`"24h"`')
+    exceptions: tuple[str, ...] = setting(
+        (), _list_of(DOMAIN),
+        "Names allowed even below a blocked suffix, with the names below them (the most "
+        "specific entry wins): a false positive of a list.")
     block_mode: str = setting(
         "nxdomain", _choice(BLOCK_MODES),
         "How a blocked name is answered: nxdomain | null | refused | redirect.")
@@ -366,8 +428,8 @@ class PolicyConfig:
     block_public_doh: bool = setting(
         False, BOOL,
         "Answer NXDOMAIN to managed clients for public DoH/DoT resolvers' names (doh_lists).")
-    doh_lists: tuple[Path, ...] = setting(
-        (), _list_of(PATH), "Lists of public encrypted-DNS names.",
+    doh_lists: tuple[ListSource, ...] = setting(
+        (), _list_of(LIST), "Lists of public encrypted-DNS names (files or URLs, as blocklists).",
         shown=f'`["{DEFAULT_DOH_LIST}"]`')
     edns_mac_trusted_relays: tuple[IPNetwork, ...] = setting(
         (), _list_of(NETWORK), "Relays whose EDNS0 MAC option (65001) is believed.")
@@ -567,6 +629,12 @@ def resolve_list_path(entry: str, base: Path) -> Path | None:
     return None
 
 
+def url_list(url: str, state_dir: Path) -> ListSource:
+    """A URL list: read from its last good copy in the state folder (fetched by the daemon)."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return ListSource(url, state_dir / "lists" / f"{digest}.txt", "remote", url)
+
+
 def resolv_conf_upstreams(path: Path = Path("/etc/resolv.conf")) -> tuple[HostPort, ...]:
     """The nameservers of resolv.conf, the embedded default's upstreams."""
     out = []
@@ -655,24 +723,28 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
                 raise ConfigError(f"{source}: [dns] forward[{index}]: {upstream} is one of our "
                                   "own listen addresses (a forwarding loop)")
 
+    state_dir = Path(sections["state"].get("dir", "tiktokguard-state")).expanduser()
+    if not state_dir.is_absolute():
+        state_dir = base / state_dir if path is not None else Path.cwd() / state_dir
+
     policy_values = sections["policy"]
     for key, default in (("blocklists", DEFAULT_BLOCKLIST), ("doh_lists", DEFAULT_DOH_LIST)):
         lists = []
         for index, entry in enumerate(policy_values.pop(key, (default,))):
+            if "://" in entry:
+                lists.append(url_list(entry, state_dir))
+                continue
             found = resolve_list_path(entry, base)
             if found is None:
                 raise ConfigError(f"{source}: [policy] {key}[{index}]: list file not found: "
                                   f"{entry!r} (looked in {base} and the bundled lists)")
-            lists.append(found)
+            bundled = found.is_relative_to(BUNDLED_LISTS.resolve())
+            lists.append(ListSource(str(found), found, "strict" if bundled else "local"))
         policy_values[key] = tuple(lists)
     policy = PolicyConfig(**policy_values)
     if policy.block_mode == "redirect" and not (policy.redirect_ipv4 or policy.redirect_ipv6):
         raise ConfigError(f"{source}: [policy] block_mode: \"redirect\" needs redirect_ipv4 "
                           "and/or redirect_ipv6")
-
-    state_dir = Path(sections["state"].get("dir", "tiktokguard-state")).expanduser()
-    if not state_dir.is_absolute():
-        state_dir = base / state_dir if path is not None else Path.cwd() / state_dir
     return Config(
         dns=dns,
         policy=policy,

@@ -25,19 +25,25 @@ from tiktokguard.dnsname import text_to_wire
 from tiktokguard.metrics import Metrics
 from tiktokguard.netfilter import Backstop, make_backend
 from tiktokguard.policy.clients import ClientClassifier, DeviceIndex
-from tiktokguard.policy.domains import DomainMatcher, ListError, load_lists
+from tiktokguard.policy.domains import DomainMatcher, ListError, ListSource, load_lists
 from tiktokguard.policy.engine import COUNTERMEASURES, PolicyEngine
 
 
-def list_paths(policy: PolicyConfig) -> tuple[Path, ...]:
-    """Every list file in use: the blocklists, and the DoH lists when block_public_doh is on."""
+def list_sources(policy: PolicyConfig) -> tuple[ListSource, ...]:
+    """Every list in use: the blocklists, and the DoH lists when block_public_doh is on."""
     return policy.blocklists + (policy.doh_lists if policy.block_public_doh else ())
 
 
+def list_paths(policy: PolicyConfig) -> tuple[Path, ...]:
+    """The files those lists are read from (a URL list's: its last good copy)."""
+    return tuple(source.path for source in list_sources(policy))
+
+
 def load_policy_lists(policy: PolicyConfig) -> tuple[DomainMatcher, DomainMatcher | None]:
-    """The blocklists' matcher and the public-DoH matcher (None when not in use). ListError."""
-    return (load_lists(policy.blocklists),
-            load_lists(policy.doh_lists) if policy.block_public_doh else None)
+    """The blocklists' matcher and the public-DoH matcher (None when not in use), both with
+    policy.exceptions. ListError."""
+    return (load_lists(policy.blocklists, policy.exceptions),
+            load_lists(policy.doh_lists, policy.exceptions) if policy.block_public_doh else None)
 
 
 def build_engine(config: Config, devices: DeviceIndex | None = None) -> PolicyEngine:

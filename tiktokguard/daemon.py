@@ -21,7 +21,7 @@ from tiktokguard.api.app import make_app
 from tiktokguard.api.auth import TokenTable, ensure_tokens
 from tiktokguard.api.server import ApiServer
 from tiktokguard.config import Config, ConfigError, Overrides, load_config
-from tiktokguard.core import DnsCore, build_engine, list_paths, list_stamp
+from tiktokguard.core import DnsCore, build_engine, list_paths, list_sources, list_stamp
 from tiktokguard.devices.service import DeviceService
 from tiktokguard.devices.store import SqliteStore, Store
 from tiktokguard.dns.cache import AnswerCache
@@ -29,6 +29,7 @@ from tiktokguard.dns.pipeline import Pipeline
 from tiktokguard.dns.server import ServerState
 from tiktokguard.dns.upstream import UpstreamPool
 from tiktokguard.incidents import IncidentAggregator
+from tiktokguard.listfetch import ListFetcher
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
 from tiktokguard.neighbours import NeighbourTable
@@ -84,6 +85,10 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.metrics.blocklist_rules.set(len(self.engine.matcher))
+        self.lists = ListFetcher(lambda: list_sources(self.config.policy),
+                                 lambda: self.config.policy.blocklist_refresh, self.metrics,
+                                 self.reload_lists, clock=clock)
+        self._lists_loaded()
 
     # The DNS core's parts, typed, for the tests and tools that look inside a running daemon.
     @property
@@ -130,6 +135,10 @@ class Daemon:
         await self.devices_service.load()
         await self._load_tokens()
         self.incidents.store = store
+        # A URL list with no copy yet is fetched before serving (bounded by the fetch timeout);
+        # one with a copy is served from it and refreshed in the background.
+        if await self.lists.fetch_all(missing_only=True):
+            await self._reload_lists("lists fetched at start")
         await self.incidents.restore_from_store()  # no duplicate incident after a restart
         await self._task(stack, self.incidents.run())
         await self._task(stack, self.incidents.webhook_worker())
@@ -159,6 +168,7 @@ class Daemon:
             await api.start()
             stack.push_async_callback(api.stop)
         await self._task(stack, self._watch_lists())
+        await self._task(stack, self.lists.run())
         interval = self.notifier.watchdog_interval()
         if interval is not None:
             await self._task(stack, self._watchdog(interval))
@@ -243,6 +253,7 @@ class Daemon:
                                     detail="these settings change only when tiktokguard "
                                            "restarts")
                     self.incidents.settings = self.config.incidents
+                    self.lists.wake.set()  # URL lists may have come or gone
                     await self._load_tokens()
                     log.info("config_reloaded", reason=reason, config=self.config.source)
                 if self.core.backstop is not None:
@@ -262,8 +273,25 @@ class Daemon:
         # The workers re-read config and lists too; reported done when they all have.
         await self.workers.request("reload", self.config, seconds=10)
         self.metrics.blocklist_rules.set(len(matcher))
+        self._lists_loaded()
         log.info("blocklists_reloaded", reason=reason, rules=len(matcher))
         return True
+
+    def _lists_loaded(self) -> None:
+        """Per-list figures of the lists just loaded: skipped lines (said once per load)."""
+        engine = self.engine
+        skipped: dict[str, int] = dict(engine.matcher.skipped)
+        examples = list(engine.matcher.skipped_examples)
+        if engine.doh is not None:
+            skipped.update(engine.doh.skipped)
+            examples += engine.doh.skipped_examples
+        for source in list_sources(self.config.policy):
+            if source.url:
+                self.metrics.list_fetch_errors.labels(source.name)  # (at 0 from the start)
+            self.metrics.list_skipped_lines.labels(source.name).set(skipped.get(source.name, 0))
+        if any(skipped.values()):
+            log.warning("blocklist_lines_skipped",
+                        lists={name: n for name, n in skipped.items() if n}, examples=examples)
 
     async def reload_lists(self, reason: str) -> bool:
         """Re-read only the list files (API call, a list file changed on disk)."""
@@ -312,8 +340,7 @@ class Daemon:
         """Each component by name: (ready, state). Ready only when every one is."""
         components: dict[str, tuple[bool, str]] = {
             "listeners": (True, "bound") if self.core.listeners else (False, "not bound"),
-            "lists": ((False, f"last reload failed: {self.list_error}") if self.list_error
-                      else (True, f"{len(self.engine.matcher)} rules")),
+            "lists": self._lists_readiness(),
             "store": (True, "open") if self.store is not None else (False, "not open"),
             "upstreams": ((False, f"no upstream has answered for {UPSTREAM_READY_WINDOW:g} s "
                                   "while queries were failing")
@@ -331,6 +358,21 @@ class Daemon:
                 (False, "starting") if not backstop.started.is_set()
                 else (True, "ready") if backstop.ready else (True, "unavailable, retrying"))
         return components
+
+    def _lists_readiness(self) -> tuple[bool, str]:
+        if self.list_error:
+            return False, f"last reload failed: {self.list_error}"
+        missing = self.engine.matcher.missing + (self.engine.doh.missing
+                                                 if self.engine.doh is not None else ())
+        failing = self.lists.errors()
+        if missing:
+            why = "; ".join(f"{url}: {failing.get(url, 'not fetched yet')}" for url in missing)
+            return False, f"never fetched, not in force: {why}"
+        state = f"{len(self.engine.matcher)} rules"
+        if failing:
+            state += "; last good copy in force for " + "; ".join(
+                f"{url} (fetch failed: {error})" for url, error in failing.items())
+        return True, state
 
     def readiness_problems(self) -> list[str]:
         return [f"{name}: {state}" for name, (ok, state) in self.readiness().items() if not ok]
@@ -352,6 +394,7 @@ class Daemon:
         return self.engine.decide_text(client, name, self.clock(), mac=mac)
 
     async def api_reload_lists(self, reason: str) -> tuple[bool, int, str | None]:
+        await self.lists.fetch_all()  # URL lists too (conditional GETs: cheap when unchanged)
         ok = await self.reload_lists(reason)
         return ok, len(self.engine.matcher), self.list_error
 

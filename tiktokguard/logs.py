@@ -47,6 +47,13 @@ EVENTS: dict[str, tuple[str, str]] = {
     "blocklists_reloaded": ("info", "the lists re-read (SIGHUP, a file changed, the API)"),
     "blocklists_reload_failed": ("error", "a list file is missing or has a bad line (file and "
                                           "line); the lists in force stay"),
+    "blocklist_lines_skipped": ("warning", "lines a list load skipped (adblock modifiers, or "
+                                           "what a URL list holds that does not parse), per "
+                                           "list, with examples"),
+    "blocklist_fetched": ("info", "a URL list changed at its source: the new copy is kept and "
+                                  "loaded"),
+    "blocklist_fetch_failed": ("error", "a URL list could not be fetched or was not a list; the "
+                                        "last good copy stays (retried within 5 min)"),
     "policy_violation": ("warning", "a new incident: a managed client asked for a blocked name"),
     "incident_storm": ("warning", "the open-incident table is full: untracked queries, since "
                                   "when, top rules"),

@@ -264,6 +264,13 @@ class Metrics:
         self.list_reload_errors = Counter("tiktokguard_blocklist_reload_errors",
                                           "List reloads that failed (previous lists kept)",
                                           registry=r)
+        self.list_fetch_errors = Counter("tiktokguard_blocklist_fetch_errors",
+                                         "Failed fetches of URL lists (the last good copy "
+                                         "stays in force)", ["list"], registry=r)
+        self.list_skipped_lines = Gauge("tiktokguard_blocklist_skipped_lines",
+                                        "Lines of a list skipped at its last load (modifiers, "
+                                        "or lines of a URL list that do not parse)", ["list"],
+                                        registry=r)
         self.webhook_sent = Counter("tiktokguard_incident_webhook_sent",
                                     "Incidents delivered to the webhook", registry=r)
         self.webhook_dropped = Counter("tiktokguard_incident_webhook_dropped",

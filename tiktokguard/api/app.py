@@ -310,6 +310,7 @@ async def decision(request: web.Request) -> web.Response:
         "decision": result.verdict,
         "client_class": result.client_class.value,
         "rule": result.rule,
+        "exception": result.exception,
         "device": {"id": device.id, "name": device.name} if device else None,
         "explanation": result.explain(),
     })

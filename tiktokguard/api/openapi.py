@@ -107,12 +107,15 @@ INCIDENT = {
 
 DECISION = {
     "type": "object",
-    "required": ["client", "name", "decision", "client_class", "rule", "device", "explanation"],
+    "required": ["client", "name", "decision", "client_class", "rule", "exception", "device",
+                 "explanation"],
     "properties": {
         "client": _STR, "name": _STR, "mac": {"type": ["string", "null"]},
         "decision": {"enum": ["allowed", "blocked", "allowlisted", "unmanaged", "refused"]},
         "client_class": {"enum": ["refused", "allowlisted", "managed", "unmanaged"]},
         "rule": {"type": ["string", "null"]},
+        "exception": {"type": ["string", "null"],
+                      "description": "the exception that allowed the name under a blocked suffix"},
         "device": {"oneOf": [{"type": "null"}, {
             "type": "object", "required": ["id", "name"],
             "properties": {"id": _STR, "name": _STR}}]},

@@ -8,7 +8,7 @@ owned devices "may be used as individuals see fit".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tiktokguard.dnsname import NOERROR, NXDOMAIN, text_to_wire
 from tiktokguard.policy.clients import ClientClass, ClientClassifier, Device, client_address
@@ -51,6 +51,7 @@ class Decision:
     rule: str | None = None  # the list entry or countermeasure name that matched
     device: Device | None = None  # the allowlisted device, when the client is one
     countermeasure_rcode: int | None = None  # set when a bypass countermeasure answers
+    exception: str | None = None  # the exception that allowed the name (CLI and API only)
 
     @property
     def blocks(self) -> bool:
@@ -61,6 +62,8 @@ class Decision:
         parts = [self.verdict, f"client={self.client_class.value}"]
         if self.rule:
             parts.append(f"rule={self.rule}")
+        if self.exception:
+            parts.append(f"exception={self.exception}")
         if self.device:
             parts.append(f"device={self.device.id} ({self.device.name})")
         return " ".join(parts)
@@ -123,8 +126,17 @@ class PolicyEngine:
 
     def decide_text(self, client_ip: str, name: str, now: float, mac: str | None = None
                     ) -> Decision:
-        """decide() for a name in presentation form (CLI `check`, API `decision`)."""
-        return self.decide(client_address(client_ip), mac, text_to_wire(name), now)
+        """decide() for a name in presentation form (CLI `check`, API `decision`), naming the
+        exception that allowed it when one did (the query path does not look that up)."""
+        qname = text_to_wire(name)
+        decision = self.decide(client_address(client_ip), mac, qname, now)
+        if decision.rule is None and decision.verdict != Verdict.REFUSED:
+            exception = self.matcher.exception_for(qname)
+            if exception is None and self.doh is not None:
+                exception = self.doh.exception_for(qname)
+            if exception is not None:
+                decision = replace(decision, exception=exception)
+        return decision
 
     def chain_rule(self, names: list[bytes]) -> str | None:
         """CNAME inspection (DESIGN §2): the rule that blocks any of the names an upstream
