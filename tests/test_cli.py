@@ -50,6 +50,16 @@ def test_check_other_name_and_other_clients(tmp_path: Path) -> None:
     assert refused.returncode == 1 and refused.stdout.startswith("refused")
 
 
+def test_check_names_the_exception_that_allowed_a_name(tmp_path: Path) -> None:
+    config = write_config(tmp_path, ["192.0.2.1:53"], 5300, None,
+                          '[policy]\nexceptions = ["developers.tiktok.com"]')
+    result = run_cli("check", "api.developers.tiktok.com", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("allowed")
+    assert "exception=developers.tiktok.com" in result.stdout
+    assert run_cli("check", "www.tiktok.com", "--config", str(config)).returncode == 1
+
+
 def test_check_usage_errors() -> None:
     assert run_cli("check", "www.tiktok.com", "--client", "nope").returncode == 2
     bad = run_cli("check", "a..b")

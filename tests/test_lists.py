@@ -93,12 +93,19 @@ async def test_policy_exceptions_allow_a_false_positive_and_say_so(
     extra = '[policy]\nexceptions = ["cdn.a.test"]\nblocklists = ["%s"]\n'
     listed = tmp_path / "mine.txt"
     listed.write_text("a.test\n")
-    async with running_daemon(tmp_path, [upstream.address], extra=extra % listed) as tg:
+    async with running_daemon(tmp_path, [upstream.address], extra=extra % listed,
+                              http=True) as tg:
         assert blocked(await tg.ask("www.a.test"))
         assert (await tg.ask("img.cdn.a.test")).answer[0][0].address == "192.0.2.1"
-        decision = tg.daemon.decide(MANAGED, "img.cdn.a.test", None)
-        assert decision.verdict == "allowed" and decision.exception == "cdn.a.test"
-        assert "exception=cdn.a.test" in decision.explain()
+        token = (tmp_path / "state" / "admin.token").read_text().strip()
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{tg.http_port}/api/v1/decision",
+                params={"client": MANAGED, "name": "img.cdn.a.test"},
+                headers={"Authorization": f"Bearer {token}"}) as response:
+            decision = await response.json()
+        assert response.status == 200, decision
+        assert decision["decision"] == "allowed" and decision["exception"] == "cdn.a.test"
+        assert "exception=cdn.a.test" in decision["explanation"]
 
 
 # -- lists from URLs ------------------------------------------------------------------------------
@@ -227,6 +234,28 @@ async def test_an_error_page_never_replaces_a_good_copy(
         assert not await tg.daemon.lists.fetch_all()
         assert list_server.url in tg.daemon.lists.errors()
         assert blocked(await tg.ask("www.listed-one.example"))
+
+
+def test_a_url_list_is_due_at_its_refresh_and_retried_sooner_after_a_failure(
+        tmp_path: Path) -> None:
+    from tiktokguard.listfetch import RETRY_SECONDS, ListFetcher
+    from tiktokguard.metrics import Metrics
+
+    async def changed(reason: str) -> None:
+        return None
+
+    source = ListSource("https://lists.example/x.txt", tmp_path / "x.txt", "remote",
+                        "https://lists.example/x.txt")
+    now = [1000.0]
+    fetcher = ListFetcher(lambda: (source,), lambda: 86_400, Metrics(), changed,
+                          clock=lambda: now[0])
+    assert fetcher._due(source) == 0.0  # no copy: at once
+    source.path.write_text("a.example\n")
+    fetcher.state[source.url].checked_at = 1000.0
+    assert fetcher._due(source) == 1000.0 + 86_400
+    fetcher._failed(source, fetcher.state[source.url], "HTTP 502")
+    assert fetcher._due(source) == 1000.0 + RETRY_SECONDS  # sooner than the refresh
+    assert fetcher.errors() == {source.url: "HTTP 502"}
 
 
 @pytest.mark.parametrize("entry", ["http://192.0.2.1/list.txt", "ftp://127.0.0.1/x.txt",

@@ -94,12 +94,14 @@ class ListFetcher:
                 self.wake.clear()
 
     def _due(self, source: ListSource) -> float:
+        """When the list is to be fetched next: at once when there is no copy (or, after a
+        failure, RETRY_SECONDS later), else at its refresh, or sooner after a failure."""
         state = self.state.get(source.url)
         if state is None:
-            state = self.state[source.url] = _State(checked_at=_meta(source).get("checked_at",
-                                                                                    0.0))
-            if not source.path.exists():
-                state.checked_at = 0.0  # no copy: fetch at once
+            state = self.state[source.url] = _State(
+                checked_at=float(_meta(source).get("checked_at", 0.0)))
+        if not source.path.exists():
+            return state.failed_at + RETRY_SECONDS if state.error is not None else 0.0
         due = state.checked_at + self.refresh()
         if state.error is not None:
             due = min(due, state.failed_at + RETRY_SECONDS)
