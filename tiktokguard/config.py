@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -514,6 +515,46 @@ class StateConfig:
         "config's folder (embedded default: the working directory).", reload=False)
 
 
+def _dsn(value: Any) -> str:
+    text = _string_parse(value).strip()
+    if re.search(r"(^|\s)password\s*=", text) or re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@",
+                                                          text):
+        raise ValueError("the DSN must not hold the password: use password_file or "
+                         "$TIKTOKGUARD_DB_PASSWORD")
+    return text
+
+
+DSN = Value("libpq DSN (key=value or postgresql://), without the password", _dsn)
+
+
+def _instance(value: Any) -> str:
+    text = _string_parse(value).strip()
+    if len(text) > 64 or not re.fullmatch(r"[A-Za-z0-9_.:-]*", text):
+        raise ValueError("expected at most 64 letters, digits or _.:-")
+    return text
+
+
+INSTANCE = Value("name (letters, digits, _.:-; at most 64)", _instance)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    backend: str = setting(
+        "sqlite", _choice(("sqlite", "postgres")),
+        "Where devices, audit trail, tokens and incidents live: sqlite (this machine, in "
+        "state.dir) or postgres (shared by every resolver that names the same database).",
+        reload=False)
+    dsn: str = setting(
+        "", DSN, "postgres: the database, e.g. \"host=db.campus.example dbname=tiktokguard "
+        "user=tiktokguard\" (never the password).", reload=False)
+    password_file: str = setting(
+        "", STRING, "postgres: a file holding the password (else $TIKTOKGUARD_DB_PASSWORD, else "
+        "none: peer or certificate authentication).", reload=False)
+    instance: str = setting(
+        "", INSTANCE, "This resolver's name in audit entries and incidents.", reload=False,
+        shown="the host name")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     dns: DnsConfig = DnsConfig()
@@ -522,6 +563,7 @@ class Config:
     incidents: IncidentsConfig = IncidentsConfig()
     netfilter: NetfilterConfig = NetfilterConfig()
     state: StateConfig = StateConfig()
+    store: StoreConfig = StoreConfig()
     source: str = "<embedded default>"
 
 
@@ -627,6 +669,18 @@ def resolve_list_path(entry: str, base: Path) -> Path | None:
         if candidate.is_file():
             return candidate.resolve()
     return None
+
+
+def _store(values: dict[str, Any], source: str, base: Path) -> StoreConfig:
+    store = StoreConfig(**values)
+    if store.backend == "postgres" and not store.dsn:
+        raise ConfigError(f"{source}: [store] dsn: backend = \"postgres\" needs a dsn")
+    if store.password_file:
+        path = Path(store.password_file).expanduser()
+        store = replace(store, password_file=str(path if path.is_absolute() else base / path))
+    if not store.instance:
+        store = replace(store, instance=socket.gethostname()[:64])
+    return store
 
 
 def url_list(url: str, state_dir: Path) -> ListSource:
@@ -752,5 +806,6 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
         incidents=IncidentsConfig(**sections["incidents"]),
         netfilter=_netfilter(sections["netfilter"], source),
         state=StateConfig(dir=state_dir),
+        store=_store(sections["store"], source, base),
         source=source,
     )

@@ -23,7 +23,7 @@ from tiktokguard.api.server import ApiServer
 from tiktokguard.config import Config, ConfigError, Overrides, load_config
 from tiktokguard.core import DnsCore, build_engine, list_paths, list_sources, list_stamp
 from tiktokguard.devices.service import DeviceService
-from tiktokguard.devices.store import SqliteStore, Store
+from tiktokguard.devices.store import SqliteStore, Store, StoreUnavailable
 from tiktokguard.dns.cache import AnswerCache
 from tiktokguard.dns.pipeline import Pipeline
 from tiktokguard.dns.server import ServerState
@@ -45,6 +45,8 @@ DRAIN_SECONDS = 5.0
 EXPIRY_CHECK_SECONDS = 60.0
 UPSTREAM_READY_WINDOW = 30.0
 DB_FILE = "tiktokguard.sqlite3"
+SNAPSHOT_FILE = "devices.snapshot.json"  # a shared store's devices as last known
+DEGRADED = "degraded"  # a component's state that starts so: ready, but not whole
 # The signals the daemon acts on (docs/reference.md is generated from this).
 SIGNALS: dict[str, str] = {
     "SIGTERM": "stop: stop taking queries, answer those in flight (at most 5 s), flush incident "
@@ -125,16 +127,28 @@ class Daemon:
         """Open the state, bind every listener (raises OSError naming the address) and start
         the background work. Everything is undone in reverse by the stack."""
         state_dir = self.config.state.dir
-        self.store = store = await SqliteStore.open(state_dir / DB_FILE)
+        store, snapshot = await self._open_store(state_dir)
+        self.store = store
         stack.push_async_callback(store.close)
-        self.devices_service = DeviceService(store, self.devices)
+        self.devices_service = DeviceService(store, self.devices, snapshot=snapshot)
         self.devices_service.on_change.append(self._expiry_wake.set)
         self.devices_service.propagate.append(self.workers.devices_changed)
         if self.neighbours is not None:
             self.devices_service.on_change.append(self.neighbours.changed)
-        await self.devices_service.load()
+        try:
+            await self.devices_service.load()
+        except StoreUnavailable as exc:
+            # DNS decides from the devices as last known; the watcher reconnects and reloads.
+            known = await self.devices_service.load_snapshot()
+            log.error("store_unavailable", instance=store.instance, error=str(exc),
+                      devices="the local snapshot" if known else "none known yet")
         await self._load_tokens()
         self.incidents.store = store
+        self.metrics.store_up.set(1 if store.up else 0)
+        watch = getattr(store, "watch", None)  # a shared store: changes by other instances
+        if watch is not None:
+            await self._task(stack, watch(self.devices_service.apply_remote,
+                                          self._store_reconnected, self._store_up))
         # A URL list with no copy yet is fetched before serving (bounded by the fetch timeout);
         # one with a copy is served from it and refreshed in the background.
         if await self.lists.fetch_all(missing_only=True):
@@ -173,10 +187,39 @@ class Daemon:
         if interval is not None:
             await self._task(stack, self._watchdog(interval))
 
+    async def _open_store(self, state_dir: Path) -> tuple[Store, Path | None]:
+        """The store [store] names, and where its local snapshot lives (a shared store's). A
+        PostgreSQL server that cannot be reached does not stop the start (degraded mode)."""
+        config = self.config.store
+        if config.backend != "postgres":
+            return await SqliteStore.open(state_dir / DB_FILE, config.instance), None
+        from tiktokguard.devices.pgstore import PostgresStore, read_password  # (asyncpg: only here)
+
+        password = read_password(config.password_file)
+        try:
+            pg = await PostgresStore.open(config.dsn, password, config.instance)
+        except StoreUnavailable:
+            pg = PostgresStore(config.dsn, password, config.instance)  # the watcher connects
+        return pg, state_dir / SNAPSHOT_FILE
+
+    async def _store_reconnected(self) -> None:
+        """The shared store is back: everything is read again (changes made meanwhile were not
+        notified), tokens included."""
+        assert self.devices_service is not None
+        await self.devices_service.load()
+        await self._load_tokens()
+
+    def _store_up(self, up: bool) -> None:
+        self.metrics.store_up.set(1 if up else 0)
+
     async def _load_tokens(self) -> None:
         assert self.store is not None
         configured = {n: (t.role, t.sha256) for n, t in self.config.http.tokens.items()}
-        self.tokens, created = await ensure_tokens(self.store, configured, self.config.state.dir)
+        try:
+            self.tokens, created = await ensure_tokens(self.store, configured,
+                                                       self.config.state.dir)
+        except StoreUnavailable:
+            return  # the tokens in force stay (none yet at a start: read once it is back)
         if created is not None:
             self.token_file = created
 
@@ -341,7 +384,7 @@ class Daemon:
         components: dict[str, tuple[bool, str]] = {
             "listeners": (True, "bound") if self.core.listeners else (False, "not bound"),
             "lists": self._lists_readiness(),
-            "store": (True, "open") if self.store is not None else (False, "not open"),
+            "store": self._store_readiness(),
             "upstreams": ((False, f"no upstream has answered for {UPSTREAM_READY_WINDOW:g} s "
                                   "while queries were failing")
                           if self.pool.failing_since(time.monotonic(), UPSTREAM_READY_WINDOW)
@@ -358,6 +401,16 @@ class Daemon:
                 (False, "starting") if not backstop.started.is_set()
                 else (True, "ready") if backstop.ready else (True, "unavailable, retrying"))
         return components
+
+    def _store_readiness(self) -> tuple[bool, str]:
+        store = self.store
+        if store is None:
+            return False, "not open"
+        if store.up:
+            return True, "open" if self.config.store.backend == "sqlite" else "connected"
+        # Still ready: DNS decides from the devices as last known; writes answer 503.
+        return True, (f"{DEGRADED}: the database is unreachable; deciding from the last known "
+                      f"{len(self.devices.devices)} devices; device changes answer 503")
 
     def _lists_readiness(self) -> tuple[bool, str]:
         if self.list_error:

@@ -247,7 +247,17 @@ class IncidentAggregator:
                 log.warning("incident_storm", **storm)
                 self._post("incident_storm", storm)
             if dirty and self.store is not None:
-                await self.store.save_incidents([i.to_json() for i in dirty.values()])
+                try:
+                    await self.store.save_incidents([i.to_json() for i in dirty.values()])
+                except Exception:
+                    # Written at the next flush (the store may be back by then); bounded by
+                    # the open-incident table, since only counts of live incidents change.
+                    for key, incident in dirty.items():
+                        self._dirty.setdefault(key, incident)
+                    if len(self._dirty) > self.max_open:
+                        for key in list(self._dirty)[:len(self._dirty) - self.max_open]:
+                            del self._dirty[key]
+                    raise
             self._expire(self.clock())
 
     def _post(self, kind: str, event: dict[str, Any]) -> None:

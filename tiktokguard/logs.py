@@ -54,6 +54,9 @@ EVENTS: dict[str, tuple[str, str]] = {
                                   "loaded"),
     "blocklist_fetch_failed": ("error", "a URL list could not be fetched or was not a list; the "
                                         "last good copy stays (retried within 5 min)"),
+    "store_unavailable": ("error", "the shared database cannot be reached: DNS decides from the "
+                                   "last known devices, device changes answer 503, reconnecting"),
+    "store_reconnected": ("info", "the shared database is back; every device read again"),
     "policy_violation": ("warning", "a new incident: a managed client asked for a blocked name"),
     "incident_storm": ("warning", "the open-incident table is full: untracked queries, since "
                                   "when, top rules"),

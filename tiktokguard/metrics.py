@@ -264,6 +264,9 @@ class Metrics:
         self.list_reload_errors = Counter("tiktokguard_blocklist_reload_errors",
                                           "List reloads that failed (previous lists kept)",
                                           registry=r)
+        self.store_up = Gauge("tiktokguard_store_up", "1 while the device store answers (0: a "
+                              "shared database is unreachable, DNS decides from the last known "
+                              "devices)", registry=r)
         self.list_fetch_errors = Counter("tiktokguard_blocklist_fetch_errors",
                                          "Failed fetches of URL lists (the last good copy "
                                          "stays in force)", ["list"], registry=r)

@@ -21,6 +21,7 @@ from tiktokguard.api.openapi import openapi_document, query_parameters
 from tiktokguard.api.server import dispatch
 from tiktokguard.devices.model import ValidationError, format_time, parse_time
 from tiktokguard.devices.service import Conflict, NotFound
+from tiktokguard.devices.store import StoreUnavailable
 from tiktokguard.logs import get_logger
 from tiktokguard.policy.clients import normalise_mac
 
@@ -106,6 +107,12 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         return error(404, f"no device {exc}")
     except Conflict as exc:
         return error(409, exc.message, exc.field)
+    except StoreUnavailable as exc:
+        response = error(503, f"the device store is unavailable ({exc}); nothing was changed. "
+                              "DNS goes on deciding from the last known devices; try again "
+                              "when the database is back")
+        response.headers["Retry-After"] = "10"
+        return response
     except web.HTTPException as exc:
         if exc.status == 413:
             return error(413, f"request body larger than {MAX_BODY} bytes")
@@ -168,7 +175,9 @@ async def readyz(request: web.Request) -> web.Response:
     if problems:
         return web.json_response({"status": "not ready", "problems": problems,
                                   "components": components}, status=503)
-    return web.json_response({"status": "ready", "components": components})
+    degraded = any(state.startswith("degraded") for _ok, state in readiness.values())
+    return web.json_response({"status": "degraded" if degraded else "ready",
+                              "components": components})
 
 
 @needs(None)

@@ -91,6 +91,7 @@ AUDIT_ENTRY = {
         "device_id": _STR,
         "before": {"oneOf": [{"$ref": "#/components/schemas/Device"}, {"type": "null"}]},
         "after": {"oneOf": [{"$ref": "#/components/schemas/Device"}, {"type": "null"}]},
+        "instance": {"type": ["string", "null"], "description": "the resolver that made it"},
     },
 }
 
@@ -102,6 +103,7 @@ INCIDENT = {
         "incident_id": _STR, "client_ip": _STR, "client_mac": {"type": ["string", "null"]},
         "device_name": {"type": ["string", "null"]}, "name": _STR, "rule": _STR, "qtype": _STR,
         "count": {"type": "integer", "minimum": 1}, "first_seen": _TIME, "last_seen": _TIME,
+        "instance": {"type": ["string", "null"], "description": "the resolver that saw it"},
     },
 }
 
@@ -135,7 +137,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Bad input", 401: "No or unknown token", 403: "Wrong role", 404: "Not found",
             409: "Address or MAC on another active device", 413: "Body too large",
-            422: "Lists could not be reloaded"}
+            422: "Lists could not be reloaded",
+            503: "The device store (a shared database) is unreachable; nothing was changed"}
     return {str(c): _json(_ref("Error"), text[c]) for c in codes}
 
 
@@ -177,7 +180,9 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/healthz": {"get": {"summary": "Process alive", "security": [],
                                  "responses": {"200": _json({"type": "object"}, "Alive")}}},
-            "/readyz": {"get": {"summary": "Listeners bound and lists loaded", "security": [],
+            "/readyz": {"get": {"summary": "Every component ready (status ready, or degraded: "
+                                           "DNS works, a shared store is unreachable)",
+                                "security": [],
                                 "responses": {"200": _json({"type": "object"}, "Ready"),
                                               "503": _json({"type": "object"}, "Not ready")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "security": [],
@@ -196,7 +201,7 @@ def openapi_document() -> dict[str, Any]:
                          "requestBody": {"required": True, "content": {"application/json": {
                              "schema": _ref("DeviceCreate")}}},
                          "responses": {"201": _json(_ref("Device"), "Created"),
-                                       **_errors(400, 401, 403, 409, 413)}},
+                                       **_errors(400, 401, 403, 409, 413, 503)}},
             },
             "/api/v1/devices/{id}": {
                 "get": {"summary": "One device (viewer)", "security": _VIEW, "parameters": _ID,
@@ -207,11 +212,11 @@ def openapi_document() -> dict[str, Any]:
                           "requestBody": {"required": True, "content": {"application/json": {
                               "schema": _ref("DevicePatch")}}},
                           "responses": {"200": _json(_ref("Device"), "Updated"),
-                                        **_errors(400, 401, 403, 404, 409, 413)}},
+                                        **_errors(400, 401, 403, 404, 409, 413, 503)}},
                 "delete": {"summary": "Deactivate a device; record and history stay (admin)",
                            "security": _VIEW, "parameters": _ID,
                            "responses": {"200": _json(_ref("Device"), "Deactivated"),
-                                         **_errors(401, 403, 404)}},
+                                         **_errors(401, 403, 404, 503)}},
             },
             "/api/v1/audit": {"get": {
                 "summary": "Audit trail of device changes (viewer)", "security": _VIEW,
@@ -219,7 +224,8 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object", "required": ["entries"],
                                             "properties": {"entries": {
                                                 "type": "array", "items": _ref("AuditEntry")}}},
-                                           "Entries, oldest first"), **_errors(400, 401)}}},
+                                           "Entries, oldest first"),
+                                     **_errors(400, 401, 503)}}},
             "/api/v1/incidents": {"get": {
                 "summary": "Policy violation incidents (viewer)", "security": _VIEW,
                 "parameters": [{"name": "client", "in": "query", "schema": _STR},
@@ -227,7 +233,8 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object", "required": ["incidents"],
                                             "properties": {"incidents": {
                                                 "type": "array", "items": _ref("Incident")}}},
-                                           "Incidents, newest first"), **_errors(400, 401)}}},
+                                           "Incidents, newest first"),
+                                     **_errors(400, 401, 503)}}},
             "/api/v1/decision": {"get": {
                 "summary": "How a query would be decided, and why (viewer)", "security": _VIEW,
                 "parameters": [

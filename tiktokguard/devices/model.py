@@ -98,6 +98,21 @@ class DeviceRecord:
             "updated_at": format_time(self.updated_at),
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceRecord:
+        """The inverse of to_json (the local snapshot of a shared store). ValueError, KeyError."""
+        def when(value: Any) -> datetime | None:
+            return None if value is None else rfc3339.parse(value)
+        created, updated = when(data["created_at"]), when(data["updated_at"])
+        if created is None or updated is None:
+            raise ValueError("created_at and updated_at are required")
+        return cls(id=str(data["id"]), name=str(data["name"]),
+                   addresses=tuple(data["addresses"]), macs=tuple(data["macs"]),
+                   custodian=str(data["custodian"]), supervisor=str(data["supervisor"]),
+                   ticket=str(data["ticket"]), location=str(data["location"]),
+                   expires_at=when(data["expires_at"]), active=bool(data["active"]),
+                   created_at=created, updated_at=updated)
+
 
 def _text(body: dict[str, Any], field: str, required: bool) -> str:
     value = body.get(field, "")

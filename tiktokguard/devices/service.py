@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from tiktokguard.devices.model import (
@@ -43,10 +46,13 @@ class Conflict(Exception):
 
 class DeviceService:
     def __init__(self, store: Store, index: DeviceIndex,
-                 clock: Callable[[], datetime] = now_utc) -> None:
+                 clock: Callable[[], datetime] = now_utc, snapshot: Path | None = None) -> None:
         self.store = store
         self.index = index
         self.clock = clock
+        # A shared (remote) store: the devices as last known, kept on this machine so that a
+        # restart while the database is down still decides as before.
+        self.snapshot = snapshot
         self.records: dict[str, DeviceRecord] = {}
         self._expiry_audited: set[str] = set()
         self._lock = asyncio.Lock()
@@ -56,11 +62,81 @@ class DeviceService:
         self.propagate: list[Callable[[], Awaitable[None]]] = []
 
     async def load(self) -> None:
-        """Read every device from the store into memory and into the index."""
+        """Read every device from the store into memory and into the index (StoreUnavailable
+        when it cannot be reached: what is in memory stays)."""
         records = await self.store.load_devices()
+        audited = await self.store.expiry_audited()
+        self._replace(records, audited)
+        await self._changed()
+
+    def _replace(self, records: builtins.list[DeviceRecord], audited: set[str]) -> None:
         self.records = {r.id: r for r in records}
-        self._expiry_audited = await self.store.expiry_audited()
+        self._expiry_audited = audited
         self.index.replace_all(r.to_device() for r in records)
+
+    async def load_snapshot(self) -> bool:
+        """The devices as last known (the store is unreachable at start); False if none."""
+        if self.snapshot is None:
+            return False
+        try:
+            data = json.loads(await asyncio.to_thread(self.snapshot.read_text))
+            records = [DeviceRecord.from_json(item) for item in data["devices"]]
+            audited = set(data["expiry_audited"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        self._replace(records, audited)
+        for callback in self.on_change:
+            callback()
+        return True
+
+    async def _write_snapshot(self) -> None:
+        if self.snapshot is None:
+            return
+        now = self.clock()
+        data = json.dumps({"devices": [r.to_json(now) for r in self.records.values()],
+                           "expiry_audited": sorted(self._expiry_audited)})
+        path = self.snapshot
+
+        def write() -> None:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        await asyncio.to_thread(write)
+
+    async def _changed(self) -> None:
+        """Tell everyone who keeps a copy: the expiry watcher, the neighbour table, the worker
+        processes and the exemption sets (awaited), the local snapshot."""
+        for callback in self.on_change:
+            callback()
+        for hook in self.propagate:
+            await hook()
+        await self._write_snapshot()
+
+    async def apply_remote(self, device_id: str) -> None:
+        """Another instance (or this one) changed a device in the shared store: read it and put
+        it in force here (StoreUnavailable: the watcher reloads everything once it is back)."""
+        found = await self.store.load_device(device_id)
+        if found is None:
+            return
+        record, audited = found
+        async with self._lock:
+            now = self.clock()
+            known = self.records.get(record.id)
+            if (known is not None and known.to_json(now) == record.to_json(now)
+                    and (record.id in self._expiry_audited) == audited):
+                return  # this instance's own change, already in force
+            self.records[record.id] = record
+            if audited:
+                self._expiry_audited.add(record.id)
+            else:
+                self._expiry_audited.discard(record.id)
+            self.index.put(record.to_device())
+        await self._changed()
 
     def list(self, active: bool | None = None) -> list[DeviceRecord]:
         return [r for r in self.records.values() if active is None or r.active == active]
@@ -93,10 +169,7 @@ class DeviceService:
             else:
                 self._expiry_audited.discard(record.id)
         self.index.put(record.to_device())
-        for callback in self.on_change:
-            callback()
-        for hook in self.propagate:
-            await hook()
+        await self._changed()
         return record
 
     async def create(self, body: Any, actor: str) -> DeviceRecord:
@@ -139,14 +212,20 @@ class DeviceService:
         now = self.clock()
         due = [r for r in self.records.values()
                if r.active and r.expired(now) and r.id not in self._expiry_audited]
+        done = []
         async with self._lock:
             for record in due:
                 current = self.records.get(record.id)
                 if current is None or current.id in self._expiry_audited:
                     continue
-                await self._commit(current, self._audit(SYSTEM_ACTOR, "expire", current, current,
-                                                        now), expiry_audited=True)
-        return due
+                audit = self._audit(SYSTEM_ACTOR, "expire", current, current, now)
+                # Once across every instance sharing the store: the one that claims it audits.
+                if await self.store.audit_expiry(current, audit):
+                    done.append(current)
+                self._expiry_audited.add(current.id)
+        if done:
+            await self._changed()
+        return done
 
     def next_expiry(self) -> datetime | None:
         pending = [r.expires_at for r in self.records.values()

@@ -87,11 +87,25 @@ MIGRATIONS: tuple[str, ...] = (
         first_seen = COALESCE(strftime('%Y-%m-%dT%H:%M:%fZ', first_seen), first_seen),
         last_seen = COALESCE(strftime('%Y-%m-%dT%H:%M:%fZ', last_seen), last_seen);
     """,
+    # Which resolver wrote an audit entry or an incident (a shared store has several).
+    """
+    ALTER TABLE audit ADD COLUMN instance TEXT;
+    ALTER TABLE incidents ADD COLUMN instance TEXT;
+    """,
 )
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be reached: writes answer 503, DNS decides from memory."""
+
+
 class Store(Protocol):
+    instance: str  # this resolver's name, written into audit entries and incidents
+    up: bool  # the database answered the last time it was asked
+
     async def load_devices(self) -> list[DeviceRecord]: ...
+    async def load_device(self, device_id: str) -> tuple[DeviceRecord, bool] | None: ...
+    async def audit_expiry(self, record: DeviceRecord, audit: dict[str, Any]) -> bool: ...
     async def save_device(self, record: DeviceRecord, audit: dict[str, Any] | None,
                           expiry_audited: bool | None = None) -> None: ...
     async def audit(self, device_id: str | None = None, since: str | None = None,
@@ -128,14 +142,16 @@ def _iso(value: datetime | None) -> str | None:
 class SqliteStore:
     """SQLite behind the Store protocol; open with `await SqliteStore.open(path)`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, instance: str = "") -> None:
         self.path = path
+        self.instance = instance
+        self.up = True
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
-        store = cls(path)
+    async def open(cls, path: Path, instance: str = "") -> SqliteStore:
+        store = cls(path, instance)
         await store._run(store._open)
         return store
 
@@ -198,6 +214,38 @@ class SqliteStore:
             return [_row_to_record(r) for r in rows]
         return await self._run(run)
 
+    async def load_device(self, device_id: str) -> tuple[DeviceRecord, bool] | None:
+        def run() -> tuple[DeviceRecord, bool] | None:
+            row = self.db.execute("SELECT * FROM devices WHERE id = ?", (device_id,)).fetchone()
+            return None if row is None else (_row_to_record(row), bool(row["expiry_audited"]))
+        return await self._run(run)
+
+    async def audit_expiry(self, record: DeviceRecord, audit: dict[str, Any]) -> bool:
+        """Mark the device's expiry audited and write the audit entry (once)."""
+        def run() -> bool:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                claimed = db.execute("UPDATE devices SET expiry_audited = 1 "
+                                     "WHERE id = ? AND expiry_audited = 0", (record.id,)).rowcount
+                if claimed:
+                    self._insert_audit(db, audit)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return bool(claimed)
+        return await self._run(run)
+
+    def _insert_audit(self, db: sqlite3.Connection, audit: dict[str, Any]) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, action, device_id, before, after, instance) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (audit["at"], audit["actor"], audit["action"], audit["device_id"],
+             json.dumps(audit["before"]) if audit["before"] is not None else None,
+             json.dumps(audit["after"]) if audit["after"] is not None else None,
+             self.instance or None))
+
     async def save_device(self, record: DeviceRecord, audit: dict[str, Any] | None,
                           expiry_audited: bool | None = None) -> None:
         """Insert or replace a device and append its audit entry, in one transaction."""
@@ -223,12 +271,7 @@ class SqliteStore:
                     db.execute("UPDATE devices SET expiry_audited = ? WHERE id = ?",
                                (int(expiry_audited), record.id))
                 if audit is not None:
-                    db.execute(
-                        "INSERT INTO audit (at, actor, action, device_id, before, after) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (audit["at"], audit["actor"], audit["action"], audit["device_id"],
-                         json.dumps(audit["before"]) if audit["before"] is not None else None,
-                         json.dumps(audit["after"]) if audit["after"] is not None else None))
+                    self._insert_audit(db, audit)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -249,7 +292,8 @@ class SqliteStore:
             return [{"seq": r["seq"], "at": r["at"], "actor": r["actor"], "action": r["action"],
                      "device_id": r["device_id"],
                      "before": json.loads(r["before"]) if r["before"] else None,
-                     "after": json.loads(r["after"]) if r["after"] else None} for r in rows]
+                     "after": json.loads(r["after"]) if r["after"] else None,
+                     "instance": r["instance"]} for r in rows]
         return await self._run(run)
 
     # -- API tokens ------------------------------------------------------------------------------
@@ -275,11 +319,13 @@ class SqliteStore:
             try:
                 db.executemany(
                     """INSERT INTO incidents (id, client_ip, client_mac, device_name, name, rule,
-                           qtype, count, first_seen, last_seen)
+                           qtype, count, first_seen, last_seen, instance)
                        VALUES (:incident_id, :client_ip, :client_mac, :device_name, :name, :rule,
-                           :qtype, :count, :first_seen, :last_seen)
+                           :qtype, :count, :first_seen, :last_seen, :instance)
                        ON CONFLICT (id) DO UPDATE SET count=excluded.count,
-                           last_seen=excluded.last_seen""", rows)
+                           last_seen=excluded.last_seen""",
+                    [{"device_name": None, **r, "instance": self.instance or None}
+                     for r in rows])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -296,7 +342,7 @@ class SqliteStore:
                      "client_mac": r["client_mac"], "device_name": r["device_name"],
                      "name": r["name"], "rule": r["rule"], "qtype": r["qtype"],
                      "count": r["count"], "first_seen": r["first_seen"],
-                     "last_seen": r["last_seen"]} for r in rows]
+                     "last_seen": r["last_seen"], "instance": r["instance"]} for r in rows]
         return await self._run(run)
 
     async def prune_incidents(self, before: str, keep: int) -> int:
@@ -319,4 +365,5 @@ class SqliteStore:
         self._executor.shutdown(wait=True)
 
 
-__all__ = ["MIGRATIONS", "SchemaTooNew", "SqliteStore", "Store", "format_time"]
+__all__ = ["MIGRATIONS", "SchemaTooNew", "SqliteStore", "Store", "StoreUnavailable",
+           "format_time"]
