@@ -9,7 +9,7 @@ Client classes used throughout (see running_daemon's config):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,9 @@ import dns.rdatatype
 import pytest
 
 from tests.fakes import FakeUpstream, free_port
+from tests.pg import SKIP as PG_SKIP
+from tests.pg import PgServer
+from tests.pg import start_server as start_pg
 from tiktokguard.config import load_config
 from tiktokguard.daemon import Daemon
 
@@ -117,10 +120,15 @@ def _merge(base: str, extra: str) -> str:
 @contextlib.asynccontextmanager
 async def running_daemon(tmp_path: Path, upstreams: list[str], extra: str = "",
                          http: bool = False, clock: Callable[[], float] | None = None,
-                         prepare: Callable[[Daemon], None] | None = None
+                         prepare: Callable[[Daemon], None] | None = None,
+                         store_dsn: str | None = None, instance: str = "test"
                          ) -> AsyncIterator[Running]:
+    """A daemon on loopback ports with its config in tmp_path (its state in tmp_path/state);
+    with store_dsn, its devices, audit, tokens and incidents in that PostgreSQL database."""
     port = free_port()
     http_port = free_port() if http else None
+    if store_dsn is not None:
+        extra += f'\n[store]\nbackend = "postgres"\ndsn = "{store_dsn}"\ninstance = "{instance}"\n'
     path = write_config(tmp_path, upstreams, port, http_port, extra)
     config = load_config(path)
     daemon = Daemon(config, **({"clock": clock} if clock else {}))
@@ -130,6 +138,27 @@ async def running_daemon(tmp_path: Path, upstreams: list[str], extra: str = "",
         await daemon.start(stack)
         yield Running(daemon, port, http_port, path)
         await daemon.server.drain(2)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the whole run, started on first use (tests/pg.py)."""
+    if PG_SKIP is not None:
+        pytest.skip(PG_SKIP)
+    server = start_pg()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_dsn(request: pytest.FixtureRequest) -> str | None:
+    """Run a test on each store: None (SQLite) or a fresh PostgreSQL database's DSN."""
+    if request.param == "sqlite":
+        return None
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.database()
 
 
 @pytest.fixture

@@ -48,9 +48,11 @@ class Api:
 
 
 @pytest.fixture
-async def api(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Api]:
-    async with running_daemon(tmp_path, [upstream.address], extra=TOKENS, http=True) as tg, \
-            aiohttp.ClientSession() as session:
+async def api(tmp_path: Path, upstream: FakeUpstream, store_dsn: str | None
+              ) -> AsyncIterator[Api]:
+    """The daemon's API over HTTP, on each store (SQLite, and a PostgreSQL database)."""
+    async with running_daemon(tmp_path, [upstream.address], extra=TOKENS, http=True,
+                              store_dsn=store_dsn) as tg, aiohttp.ClientSession() as session:
         yield Api(tg, session)
 
 

@@ -33,6 +33,9 @@ EXIT_CODES: tuple[tuple[str, int, str], ...] = (
     ("devices", EXIT_OK, "done"),
     ("devices", 1, "the API said no (4xx/5xx); its error on stderr"),
     ("devices", EXIT_USAGE, "bad usage, no token, or the API cannot be reached"),
+    ("migrate", EXIT_OK, "every row copied"),
+    ("migrate", EXIT_USAGE, "bad usage or configuration, the database unreachable, or the "
+                            "target not empty: nothing was copied"),
 )
 
 
@@ -63,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="state folder whose allowlisted devices count (default: the config's)")
 
     devices_cli.add_parser(sub)
+
+    migrate = sub.add_parser("migrate", help="copy a single box's SQLite state into the shared "
+                                             "PostgreSQL store of --config")
+    migrate.add_argument("--from-sqlite", required=True, metavar="DIR",
+                         help="the state folder holding tiktokguard.sqlite3")
+    migrate.add_argument("--config", required=True,
+                         help="the TOML config whose [store] names the PostgreSQL database")
     return parser
 
 
@@ -79,9 +89,34 @@ def _default_client(config: Config) -> str:
 
 
 def _stored_devices(config: Config) -> DeviceIndex:
-    """The allowlisted devices in the state folder, so that `check` decides as the daemon does."""
-    from tiktokguard.daemon import DB_FILE
-    from tiktokguard.devices.store import SqliteStore
+    """The allowlisted devices in the store, so that `check` decides as the daemon does (a
+    shared store that cannot be reached: the devices as last known on this machine)."""
+    from tiktokguard.daemon import DB_FILE, SNAPSHOT_FILE
+    from tiktokguard.devices.model import DeviceRecord
+    from tiktokguard.devices.store import SqliteStore, StoreUnavailable
+
+    if config.store.backend == "postgres":
+        from tiktokguard.devices.pgstore import PostgresStore, read_password
+
+        async def shared() -> list[Device]:
+            store = await PostgresStore.open(config.store.dsn,
+                                             read_password(config.store.password_file),
+                                             config.store.instance)
+            try:
+                return [record.to_device() for record in await store.load_devices()]
+            finally:
+                await store.close()
+        try:
+            return DeviceIndex(asyncio.run(shared()))
+        except StoreUnavailable:
+            import json
+
+            try:
+                data = json.loads((config.state.dir / SNAPSHOT_FILE).read_text())
+                return DeviceIndex(DeviceRecord.from_json(d).to_device()
+                                   for d in data["devices"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return DeviceIndex()
 
     path = config.state.dir / DB_FILE
     if not path.is_file():
@@ -154,10 +189,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tiktokguard.daemon import DB_FILE
+    from tiktokguard.devices.store import StoreUnavailable
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if config.store.backend != "postgres":
+        return _fail(f"{config.source}: [store] backend: migrate copies into \"postgres\"")
+    from tiktokguard.devices.migrate import MigrateError, copy_sqlite
+    from tiktokguard.devices.pgstore import PostgresStore, read_password
+
+    async def run() -> dict[str, int]:
+        store = await PostgresStore.open(config.store.dsn,
+                                         read_password(config.store.password_file),
+                                         config.store.instance)
+        try:
+            return await copy_sqlite(Path(args.from_sqlite) / DB_FILE, store)
+        finally:
+            await store.close()
+
+    try:
+        counts = asyncio.run(run())
+    except (MigrateError, StoreUnavailable) as exc:
+        return _fail(str(exc))
+    print("copied: " + ", ".join(f"{n} {table}" for table, n in counts.items()))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "migrate":
+        return cmd_migrate(args)
     if args.command == "devices":
         return devices_cli.run(args)
     return cmd_check(args)

@@ -515,12 +515,49 @@ class StateConfig:
         "config's folder (embedded default: the working directory).", reload=False)
 
 
+DSN_KEYS = {"host": "host", "port": "port", "dbname": "database", "user": "user",
+            "sslmode": "ssl", "application_name": "server_settings"}
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def dsn_arguments(text: str) -> dict[str, Any]:
+    """asyncpg's connect() arguments for a libpq DSN: a postgresql:// URI as it is, or
+    key=value pairs (host, port, dbname, user, sslmode, application_name). ValueError."""
+    if re.match(r"^postgres(ql)?://", text):
+        if re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", text):
+            raise ValueError("the DSN must not hold the password: use password_file or "
+                             "$TIKTOKGUARD_DB_PASSWORD")
+        return {"dsn": text}
+    out: dict[str, Any] = {}
+    for match in re.finditer(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", text):
+        key, value = match.group(1), match.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if key == "password":
+            raise ValueError("the DSN must not hold the password: use password_file or "
+                             "$TIKTOKGUARD_DB_PASSWORD")
+        if key not in DSN_KEYS:
+            raise ValueError(f"unknown DSN key {key!r} (known: {', '.join(DSN_KEYS)})")
+        if key == "port":
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise ValueError(f"invalid port {value!r}")
+            out["port"] = int(value)
+        elif key == "sslmode":
+            if value not in SSL_MODES:
+                raise ValueError(f"sslmode: expected one of {', '.join(SSL_MODES)}")
+            out["ssl"] = value
+        elif key == "application_name":
+            out["server_settings"] = {"application_name": value}
+        else:
+            out[DSN_KEYS[key]] = value
+    if re.sub(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "", text).strip():
+        raise ValueError(f"{text!r} is not a DSN (key=value pairs, or a postgresql:// URI)")
+    return out
+
+
 def _dsn(value: Any) -> str:
     text = _string_parse(value).strip()
-    if re.search(r"(^|\s)password\s*=", text) or re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@",
-                                                          text):
-        raise ValueError("the DSN must not hold the password: use password_file or "
-                         "$TIKTOKGUARD_DB_PASSWORD")
+    dsn_arguments(text)
     return text
 
 

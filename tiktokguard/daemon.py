@@ -144,7 +144,7 @@ class Daemon:
                       devices="the local snapshot" if known else "none known yet")
         await self._load_tokens()
         self.incidents.store = store
-        self.metrics.store_up.set(1 if store.up else 0)
+        self.metrics.store_up.set_function(lambda: 1 if store.up else 0)
         watch = getattr(store, "watch", None)  # a shared store: changes by other instances
         if watch is not None:
             await self._task(stack, watch(self.devices_service.apply_remote,
@@ -153,7 +153,8 @@ class Daemon:
         # one with a copy is served from it and refreshed in the background.
         if await self.lists.fetch_all(missing_only=True):
             await self._reload_lists("lists fetched at start")
-        await self.incidents.restore_from_store()  # no duplicate incident after a restart
+        with contextlib.suppress(StoreUnavailable):  # (a shared store that is down: none)
+            await self.incidents.restore_from_store()  # no duplicate incident after a restart
         await self._task(stack, self.incidents.run())
         await self._task(stack, self.incidents.webhook_worker())
         await self._task(stack, self._watch_expiry())
@@ -210,7 +211,9 @@ class Daemon:
         await self._load_tokens()
 
     def _store_up(self, up: bool) -> None:
-        self.metrics.store_up.set(1 if up else 0)
+        """The watcher's word on the shared store (the gauge reads store.up itself)."""
+        if self.notifier is not None:
+            self.notifier.ready(self.status_line())
 
     async def _load_tokens(self) -> None:
         assert self.store is not None
@@ -452,8 +455,9 @@ class Daemon:
         return ok, len(self.engine.matcher), self.list_error
 
     def status_line(self) -> str:
+        degraded = "" if self.store is None or self.store.up else ", store unreachable (degraded)"
         return (f"serving: {len(self.engine.matcher)} rules, "
-                f"{self.devices.active_count(self.clock())} allowlisted devices")
+                f"{self.devices.active_count(self.clock())} allowlisted devices{degraded}")
 
     def refresh_gauges(self) -> None:
         self.metrics.allowlisted_devices.set(self.devices.active_count(self.clock()))

@@ -274,6 +274,7 @@ class IncidentAggregator:
         cancelled; a last flush on the way out writes the open counts."""
         loop = asyncio.get_running_loop()
         next_prune = loop.time()
+        failing: str | None = None
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -285,8 +286,11 @@ class IncidentAggregator:
                     if loop.time() >= next_prune and self.store is not None:
                         await self.prune()
                         next_prune = loop.time() + PRUNE_SECONDS
+                    failing = None
                 except Exception as exc:  # a full disk must not stop DNS; say so and go on
-                    log.error("incident_flush_failed", error=str(exc))
+                    if str(exc) != failing:  # once per cause, not every second (retried)
+                        log.error("incident_flush_failed", error=str(exc))
+                    failing = str(exc)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.flush())

@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from tiktokguard import rfc3339
+from tiktokguard.config import dsn_arguments
 from tiktokguard.devices.model import DeviceRecord
 from tiktokguard.devices.store import SchemaTooNew, StoreUnavailable
 from tiktokguard.logs import get_logger
@@ -89,8 +90,11 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+# What a lost or refused connection raises (a broken pooled connection may also report an
+# InternalClientError for the operation it was in).
 _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-                asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+                asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                asyncpg.InternalClientError)
 
 
 def read_password(password_file: str) -> str | None:
@@ -138,8 +142,8 @@ class PostgresStore:
 
     async def connect(self) -> None:
         try:
-            pool = await asyncpg.create_pool(self.dsn, password=self.password, min_size=1,
-                                             max_size=4, timeout=CONNECT_TIMEOUT,
+            pool = await asyncpg.create_pool(**dsn_arguments(self.dsn), password=self.password,
+                                             min_size=1, max_size=4, timeout=CONNECT_TIMEOUT,
                                              command_timeout=COMMAND_TIMEOUT)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"database unreachable: {_why(exc)}") from None
@@ -320,7 +324,7 @@ class PostgresStore:
                 reload = not first or self.pool is None  # (started degraded: from the snapshot)
                 if self.pool is None:
                     await self.connect()
-                conn = await asyncpg.connect(self.dsn, password=self.password,
+                conn = await asyncpg.connect(**dsn_arguments(self.dsn), password=self.password,
                                              timeout=CONNECT_TIMEOUT)
                 queue: asyncio.Queue[str] = asyncio.Queue()
 
@@ -352,7 +356,7 @@ class PostgresStore:
                         await changed(getter.result())
                     elif not done:
                         await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT)  # still there?
-            except (StoreUnavailable, *_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # whatever it was, DNS goes on: say so, reconnect
                 if self.up or first:
                     log.error("store_unavailable", instance=self.instance, error=_why(exc),
                               retry_seconds=delay)

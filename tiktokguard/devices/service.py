@@ -120,11 +120,13 @@ class DeviceService:
     async def apply_remote(self, device_id: str) -> None:
         """Another instance (or this one) changed a device in the shared store: read it and put
         it in force here (StoreUnavailable: the watcher reloads everything once it is back)."""
-        found = await self.store.load_device(device_id)
-        if found is None:
-            return
-        record, audited = found
         async with self._lock:
+            # Read under the lock: after any change of this instance has been committed, so a
+            # read can never put an older state back in force.
+            found = await self.store.load_device(device_id)
+            if found is None:
+                return
+            record, audited = found
             now = self.clock()
             known = self.records.get(record.id)
             if (known is not None and known.to_json(now) == record.to_json(now)
