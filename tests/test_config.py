@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from pathlib import Path
 
@@ -73,14 +74,14 @@ edns_mac_trusted_relays = ["10.1.0.1"]
 
 [http]
 listen = ""
-tokens.ops = { role = "viewer", sha256 = "%s" }
+tokens.ops = { role = "viewer", sha256 = "OPS_HASH" }
 
 [incidents]
 window_seconds = 60
 
 [state]
 dir = "state"
-""" % ("ab" * 32))
+""".replace("OPS_HASH", hashlib.sha256(b"ops-token").hexdigest()))
     config = load_config(path, Overrides(upstreams=("192.0.2.9:5353",)), resolv_conf=resolv)
     assert config.dns.listen == (HostPort("127.0.0.1", 5300), HostPort("::1", 5300))
     assert config.dns.upstreams == (HostPort("192.0.2.9", 5353),)

@@ -311,6 +311,9 @@ def _tokens(value: Any) -> dict[str, TokenConfig]:
         digest = spec["sha256"]
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
             raise ValueError(f".{name}.sha256: expected 64 hex digits")
+        if len(set(digest.lower())) <= 2:
+            raise ValueError(f".{name}.sha256: {digest[:8]}... is a placeholder, not the hash "
+                             "of a token (printf '%s' \"$token\" | sha256sum)")
         out[name] = TokenConfig(spec["role"], digest.lower())
     return out
 
@@ -798,6 +801,13 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
     dns = DnsConfig(**sections["dns"])
     if not dns.listen:
         raise ConfigError(f"{source}: [dns] listen: at least one address is needed")
+    seen_listen: dict[tuple[str, int], int] = {}
+    for index, hostport in enumerate(dns.listen):
+        key = (str(ipaddress.ip_address(hostport.host)), hostport.port)
+        if key in seen_listen:
+            raise ConfigError(f"{source}: [dns] listen[{index}]: {hostport} is listen"
+                              f"[{seen_listen[key]}] again")
+        seen_listen[key] = index
     if not dns.upstreams:
         dns = replace(dns, upstreams=resolv_conf_upstreams(resolv_conf))
         if not dns.upstreams:
@@ -833,6 +843,13 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
             lists.append(ListSource(str(found), found, "strict" if bundled else "local"))
         policy_values[key] = tuple(lists)
     policy = PolicyConfig(**policy_values)
+    for index, network in enumerate(policy.managed_networks):
+        if not any(network.version == served.version and network.subnet_of(served)  # type: ignore[arg-type]
+                   for served in dns.allow_clients):
+            raise ConfigError(
+                f"{source}: [policy] managed_networks[{index}]: {network} is not inside [dns] "
+                f"allow_clients ({', '.join(str(n) for n in dns.allow_clients)}): its clients "
+                "would be refused, not filtered; add it to allow_clients")
     if policy.block_mode == "redirect" and not (policy.redirect_ipv4 or policy.redirect_ipv6):
         raise ConfigError(f"{source}: [policy] block_mode: \"redirect\" needs redirect_ipv4 "
                           "and/or redirect_ipv6")

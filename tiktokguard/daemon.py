@@ -130,7 +130,8 @@ class Daemon:
         store, snapshot = await self._open_store(state_dir)
         self.store = store
         stack.push_async_callback(store.close)
-        self.devices_service = DeviceService(store, self.devices, snapshot=snapshot)
+        self.devices_service = DeviceService(store, self.devices, snapshot=snapshot,
+                                             served=lambda: self.config.dns.allow_clients)
         self.devices_service.on_change.append(self._expiry_wake.set)
         self.devices_service.propagate.append(self.workers.devices_changed)
         if self.neighbours is not None:

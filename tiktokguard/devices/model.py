@@ -166,6 +166,12 @@ def _macs(value: Any) -> tuple[str, ...]:
             mac = normalise_mac(item)
         except ValueError as exc:
             raise ValidationError("macs", f"[{index}]: {exc}") from None
+        if mac == "00:00:00:00:00:00":
+            raise ValidationError("macs", f"[{index}]: {mac} is no device's address")
+        if int(mac[:2], 16) & 1:
+            # The group bit: a multicast (or broadcast) address never sends a query.
+            raise ValidationError("macs", f"[{index}]: {mac} is a multicast address, not a "
+                                          "device's")
         if mac not in out:
             out.append(mac)
     return tuple(out)
@@ -192,6 +198,9 @@ def new_device(body: Any, device_id: str, now: datetime) -> DeviceRecord:
     if not isinstance(active, bool):
         raise ValidationError("active", "expected true or false")
     expires_at = parse_time(body.get("expires_at"), "expires_at")
+    if expires_at is not None and expires_at <= now:
+        raise ValidationError("expires_at", f"{body['expires_at']} has passed: a new device "
+                                            "would never be exempt")
     return DeviceRecord(device_id, texts["name"], addresses, macs, texts["custodian"],
                         texts["supervisor"], texts["ticket"], texts["location"], expires_at,
                         active, now, now)

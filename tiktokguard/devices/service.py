@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import ipaddress
 import json
 import os
 import secrets
@@ -28,7 +29,7 @@ from tiktokguard.devices.model import (
     now_utc,
 )
 from tiktokguard.devices.store import Store
-from tiktokguard.policy.clients import DeviceIndex
+from tiktokguard.policy.clients import DeviceIndex, IPNetwork
 
 SYSTEM_ACTOR = "system"
 
@@ -46,8 +47,12 @@ class Conflict(Exception):
 
 class DeviceService:
     def __init__(self, store: Store, index: DeviceIndex,
-                 clock: Callable[[], datetime] = now_utc, snapshot: Path | None = None) -> None:
+                 clock: Callable[[], datetime] = now_utc, snapshot: Path | None = None,
+                 served: Callable[[], tuple[IPNetwork, ...]] | None = None) -> None:
         self.store = store
+        # dns.allow_clients as in force: a device address outside it could never use the
+        # resolver, so allowlisting it would only look like it worked.
+        self.served = served
         self.index = index
         self.clock = clock
         # A shared (remote) store: the devices as last known, kept on this machine so that a
@@ -156,6 +161,18 @@ class DeviceService:
                 "before": before.to_json(now) if before else None,
                 "after": after.to_json(now) if after else None}
 
+    def _check_served(self, record: DeviceRecord) -> None:
+        if self.served is None:
+            return
+        served = self.served()
+        for address in record.addresses:
+            network = ipaddress.ip_network(address)
+            if not any(network.version == s.version and network.subnet_of(s)  # type: ignore[arg-type]
+                       for s in served):
+                raise ValidationError("addresses", f"{address} is outside dns.allow_clients "
+                                      f"({', '.join(str(s) for s in served)}): this resolver "
+                                      "would refuse the device's queries")
+
     def _check_conflicts(self, record: DeviceRecord) -> None:
         clash = conflicts(record, list(self.records.values()))
         if clash is not None:
@@ -177,6 +194,7 @@ class DeviceService:
     async def create(self, body: Any, actor: str) -> DeviceRecord:
         now = self.clock()
         record = new_device(body, "dev-" + secrets.token_hex(6), now)
+        self._check_served(record)
         async with self._lock:
             self._check_conflicts(record)
             return await self._commit(record, self._audit(actor, "create", None, record, now))
@@ -186,6 +204,8 @@ class DeviceService:
             before = self.get(device_id)
             now = self.clock()
             after = apply_patch(before, body, now)
+            if after.addresses != before.addresses:
+                self._check_served(after)
             self._check_conflicts(after)
             if after.active and not before.active:
                 action = "reactivate"
