@@ -23,7 +23,8 @@ METRIC = re.compile(r"\b(tiktokguard_[a-z_]+)")
 def exported_names() -> set[str]:
     """Every sample name the daemon's registry can expose."""
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum",
-                                                                 "_created"), "gauge": ("",)}
+                                                                 "_created"), "gauge": ("",),
+                "info": ("_info",)}
     return {family.name + suffix for family in Metrics().registry.collect()
             for suffix in suffixes[family.type]}
 

@@ -218,6 +218,7 @@ def namespace_config(tmp_path: Path, backend: str) -> Path:
 [dns]
 listen = ["127.0.0.1:5353"]
 upstreams = ["127.0.0.1:5300"]
+allow_clients = ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "2001:db8::/32"]
 [http]
 listen = "{API.removeprefix('http://')}"
 {admin_token(TOKEN)}
@@ -274,7 +275,9 @@ async def test_ipset_holds_learned_addresses_with_timeouts(netns: str, tmp_path:
 async def test_exemption_sets_follow_the_device_store(tmp_path: Path,
                                                       upstream: FakeUpstream) -> None:
     recorder = Recorder()
-    async with with_recorder(tmp_path, upstream, recorder) as tg:
+    served = ('[dns]\nallow_clients = ["127.0.0.0/15", "::1/128", "10.9.0.0/16", '
+              '"2001:db8:5::/48"]\n')  # (device addresses must be served ones)
+    async with with_recorder(tmp_path, upstream, recorder, served) as tg:
         backstop = tg.daemon.core.backstop
         assert backstop is not None
         assert recorder.exemptions == [Exemptions()]  # written on start, even when empty

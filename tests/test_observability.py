@@ -146,9 +146,11 @@ async def test_incident_names_device_and_mac_when_known(tmp_path: Path,
     async with running_daemon(tmp_path, [upstream.address], extra=TOKENS, http=True) as tg, \
             aiohttp.ClientSession() as session:
         api = Api(tg, session)
-        status, device = await api.call("POST", "/api/v1/devices",
-                                        json={**PHONE, "expires_at": "2020-01-01T00:00:00Z"})
-        assert status == 201 and device["expired"]
+        status, device = await api.call("POST", "/api/v1/devices", json=PHONE)
+        assert status == 201
+        status, device = await api.call("PATCH", f"/api/v1/devices/{device['id']}",
+                                        json={"expires_at": "2020-01-01T00:00:00Z"})
+        assert status == 200 and device["expired"]
         await tg.ask("www.tiktok.com", source=DEVICE_IP)  # expired device: blocked
         status, body = await api.call("GET", "/api/v1/incidents")
         (incident,) = body["incidents"]

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from tiktokguard import __version__
 from tiktokguard.config import Config, ConfigError, Overrides, load_config
 from tiktokguard.devices import cli as devices_cli
 from tiktokguard.policy.clients import Device, DeviceIndex
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tiktokguard",
         description="DNS enforcement daemon: TikTok and ByteDance denied to managed devices.")
+    parser.add_argument("--version", action="version", version=f"tiktokguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the DNS resolver and the HTTP API")

@@ -803,11 +803,11 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
         raise ConfigError(f"{source}: [dns] listen: at least one address is needed")
     seen_listen: dict[tuple[str, int], int] = {}
     for index, hostport in enumerate(dns.listen):
-        key = (str(ipaddress.ip_address(hostport.host)), hostport.port)
-        if key in seen_listen:
+        bound = (str(ipaddress.ip_address(hostport.host)), hostport.port)
+        if bound in seen_listen:
             raise ConfigError(f"{source}: [dns] listen[{index}]: {hostport} is listen"
-                              f"[{seen_listen[key]}] again")
-        seen_listen[key] = index
+                              f"[{seen_listen[bound]}] again")
+        seen_listen[bound] = index
     if not dns.upstreams:
         dns = replace(dns, upstreams=resolv_conf_upstreams(resolv_conf))
         if not dns.upstreams:

@@ -12,11 +12,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
 
+from tiktokguard import __version__
 from tiktokguard.api.app import make_app
 from tiktokguard.api.auth import TokenTable, ensure_tokens
 from tiktokguard.api.server import ApiServer
@@ -130,8 +132,9 @@ class Daemon:
         store, snapshot = await self._open_store(state_dir)
         self.store = store
         stack.push_async_callback(store.close)
-        self.devices_service = DeviceService(store, self.devices, snapshot=snapshot,
-                                             served=lambda: self.config.dns.allow_clients)
+        self.devices_service = DeviceService(
+            store, self.devices, clock=lambda: datetime.fromtimestamp(self.clock(), UTC),
+            snapshot=snapshot, served=lambda: self.config.dns.allow_clients)
         self.devices_service.on_change.append(self._expiry_wake.set)
         self.devices_service.propagate.append(self.workers.devices_changed)
         if self.neighbours is not None:
@@ -175,7 +178,9 @@ class Daemon:
         if self.config.http.listen is not None:
             # Its own thread and loop: no HTTP client can delay DNS (api/server.py).
             app = make_app(devices=self.devices_service, store=store,
-                           tokens=lambda: self.tokens, http_settings=lambda: self.config.http,
+                           tokens=lambda: self.tokens,
+                           auth_failed=self.metrics.api_auth_failures.inc,
+                           http_settings=lambda: self.config.http,
                            readiness=self.readiness, collect_metrics=self.collect_metrics,
                            sync_incidents=self.sync_incidents, decide=self.decide,
                            reload_lists=self.api_reload_lists)
@@ -261,7 +266,8 @@ class Daemon:
                 print(f"tiktokguard: admin API token written to {self.token_file}",
                       file=sys.stderr)
                 log.info("admin_token_created", path=str(self.token_file))
-            log.info("started", dns=[str(a) for a in self.config.dns.listen],
+            log.info("started", version=__version__,
+                     dns=[str(a) for a in self.config.dns.listen],
                      http=str(self.config.http.listen) if self.config.http.listen else None,
                      upstreams=[str(u) for u in self.config.dns.upstreams],
                      rules=len(self.engine.matcher), workers=self.config.dns.workers,

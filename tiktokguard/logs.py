@@ -63,7 +63,10 @@ EVENTS: dict[str, tuple[str, str]] = {
     "incident_flush_failed": ("error", "incidents could not be written (disk full...); DNS goes "
                                        "on"),
     "incident_webhook_dropped": ("warning", "an incident the webhook never got, and why"),
-    "api_request": ("info", "an API call: method, path, actor, ms; never a token"),
+    "api_request": ("info", "an API call: method, path, actor, status, client address, ms; "
+                            "never a token"),
+    "api_auth_failed": ("warning", "an API request with no token or an unknown one: method, "
+                                   "path, client address, reason (never the token)"),
     "http_thread_failed": ("error", "the HTTP API's thread stopped after start (DNS goes on)"),
     "query_failed": ("error", "a query answered SERVFAIL by the pipeline's catch-all: a bug; "
                               "its traceback, once a minute per cause"),

@@ -18,7 +18,7 @@ import copy
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -27,6 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from tiktokguard import __version__
 from tiktokguard.policy.engine import Verdict
 
 TRANSPORTS = ("udp", "tcp")
@@ -264,6 +265,11 @@ class Metrics:
         self.list_reload_errors = Counter("tiktokguard_blocklist_reload_errors",
                                           "List reloads that failed (previous lists kept)",
                                           registry=r)
+        self.api_auth_failures = Counter(
+            "tiktokguard_api_auth_failures", "API requests with no token or an unknown one "
+            "(each logged as api_auth_failed with the client's address)", registry=r)
+        self.build_info = Info("tiktokguard_build", "The running version", registry=r)
+        self.build_info.info({"version": __version__})
         self.store_up = Gauge("tiktokguard_store_up", "1 while the device store answers (0: a "
                               "shared database is unreachable, DNS decides from the last known "
                               "devices)", registry=r)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from tiktokguard import __version__
 from tiktokguard.api.auth import role_allows
 from tiktokguard.api.openapi import openapi_document, query_parameters
 from tiktokguard.api.server import dispatch
@@ -50,6 +51,7 @@ SYNC_INCIDENTS: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("sync_inc
 DECIDE: web.AppKey[Callable[[str, str, str | None], Decision]] = web.AppKey("decide")
 RELOAD_LISTS: web.AppKey[Callable[[str], Awaitable[ReloadResult]]] = web.AppKey("reload_lists")
 ACTOR = web.RequestKey("actor", str)
+AUTH_FAILED: web.AppKey[Callable[[], None]] = web.AppKey("auth_failed")  # counts a failed sign-in
 MAX_BODY = 64 * 1024
 METRICS_INTERVAL = 1.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -73,7 +75,27 @@ def error(status: int, message: str, field: str | None = None) -> web.Response:
 @web.middleware
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
-    actor = None
+    status = 500
+    try:
+        response = await _handle(request, handler)
+        status = response.status
+        return response
+    finally:
+        if request.path.startswith("/api/"):
+            log.info("api_request", method=request.method, path=request.path,
+                     actor=request.get(ACTOR), status=status, client=request.remote,
+                     ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+def _auth_failed(request: web.Request, reason: str) -> None:
+    """A request with no usable token: counted, and said with the client's address (the SOC
+    sees guessing), never with the token."""
+    request.app[AUTH_FAILED]()
+    log.warning("api_auth_failed", method=request.method, path=request.path,
+                client=request.remote, reason=reason)
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         route_handler = request.match_info.route.handler
         needed = _ROLE.get(route_handler)
@@ -81,18 +103,20 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
+                _auth_failed(request, "no bearer token")
                 response = error(401, "missing bearer token")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="tiktokguard"'
                 return response
             identity = request.app[TOKENS]().authenticate(token.strip())
             if identity is None:
+                _auth_failed(request, "unknown token")
                 response = error(401, "unknown token")
                 response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
                 return response
             actor, role = identity
+            request[ACTOR] = actor
             if not role_allows(role, needed):
                 return error(403, f"token {actor!r} has role {role}; this needs {needed}")
-            request[ACTOR] = actor
         resource = request.match_info.route.resource
         if resource is not None and request.query:
             allowed = _QUERY.get((request.method, resource.canonical), frozenset())
@@ -123,10 +147,6 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
-    finally:
-        if request.path.startswith("/api/"):
-            log.info("api_request", method=request.method, path=request.path, actor=actor,
-                     ms=round((time.perf_counter() - started) * 1000, 2))
 
 
 async def _body(request: web.Request) -> Any:
@@ -164,7 +184,7 @@ def _since(request: web.Request) -> str | None:
 
 @needs(None)
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "version": __version__})
 
 
 @needs(None)
@@ -351,6 +371,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
 
 
 def make_app(*, devices: DeviceService, store: Store, tokens: Callable[[], TokenTable],
+             auth_failed: Callable[[], None],
              http_settings: Callable[[], HttpConfig], readiness: Callable[[], Readiness],
              collect_metrics: Callable[[], Awaitable[bytes]],
              sync_incidents: Callable[[], Awaitable[None]],
@@ -361,6 +382,7 @@ def make_app(*, devices: DeviceService, store: Store, tokens: Callable[[], Token
     app[DEVICES] = devices
     app[STORE] = store
     app[TOKENS] = tokens
+    app[AUTH_FAILED] = auth_failed
     app[HTTP_SETTINGS] = http_settings
     app[READINESS] = readiness
     app[SYNC_INCIDENTS] = sync_incidents
