@@ -32,8 +32,13 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
                           cwd=cwd or ROOT)
 
 
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    """`tiktokguard check` deciding without allowlisted devices (no state to read here)."""
+    return run_cli("check", "--without-devices", *args)
+
+
 def test_check_blocked_name_prints_rule_and_exits_1() -> None:
-    result = run_cli("check", "www.tiktok.com")
+    result = check("www.tiktok.com")
     assert result.returncode == 1, result.stderr
     assert result.stdout.split("\t")[0] == "blocked"
     assert "rule=tiktok.com" in result.stdout
@@ -41,28 +46,37 @@ def test_check_blocked_name_prints_rule_and_exits_1() -> None:
 
 
 def test_check_other_name_and_other_clients(tmp_path: Path) -> None:
-    assert run_cli("check", "example.org").returncode == 0
+    assert check("example.org").returncode == 0
     config = write_config(tmp_path, ["192.0.2.1:53"], 5300, None)
-    unmanaged = run_cli("check", "www.tiktok.com", "--client", "127.0.1.9", "--config",
+    unmanaged = check("www.tiktok.com", "--client", "127.0.1.9", "--config",
                         str(config))
     assert unmanaged.returncode == 0 and unmanaged.stdout.startswith("unmanaged")
-    refused = run_cli("check", "a.test", "--client", "127.2.0.1", "--config", str(config))
+    refused = check("a.test", "--client", "127.2.0.1", "--config", str(config))
     assert refused.returncode == 1 and refused.stdout.startswith("refused")
 
 
 def test_check_names_the_exception_that_allowed_a_name(tmp_path: Path) -> None:
     config = write_config(tmp_path, ["192.0.2.1:53"], 5300, None,
                           '[policy]\nexceptions = ["developers.tiktok.com"]')
-    result = run_cli("check", "api.developers.tiktok.com", "--config", str(config))
+    result = check("api.developers.tiktok.com", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("allowed")
     assert "exception=developers.tiktok.com" in result.stdout
-    assert run_cli("check", "www.tiktok.com", "--config", str(config)).returncode == 1
+    assert check("www.tiktok.com", "--config", str(config)).returncode == 1
+
+
+def test_check_refuses_urls_and_missing_state_instead_of_a_confident_wrong_answer(
+        tmp_path: Path) -> None:
+    url = check("https://www.tiktok.com/@user")
+    assert url.returncode == 2 and "the name in it is 'www.tiktok.com'" in url.stderr
+    missing = run_cli("check", "www.tiktok.com", "--state-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert str(tmp_path / "nowhere" / "tiktokguard.sqlite3") in missing.stderr
 
 
 def test_check_usage_errors() -> None:
-    assert run_cli("check", "www.tiktok.com", "--client", "nope").returncode == 2
-    bad = run_cli("check", "a..b")
+    assert check("www.tiktok.com", "--client", "nope").returncode == 2
+    bad = check("a..b")
     assert bad.returncode == 2 and "invalid name" in bad.stderr
 
 

@@ -31,9 +31,10 @@ EXIT_CODES: tuple[tuple[str, int, str], ...] = (
     ("check", EXIT_OK, "the name would be resolved for that client"),
     ("check", EXIT_BLOCKED, "the name would be blocked (or the client refused)"),
     ("check", EXIT_USAGE, "bad usage or configuration"),
-    ("devices", EXIT_OK, "done"),
-    ("devices", 1, "the API said no (4xx/5xx); its error on stderr"),
-    ("devices", EXIT_USAGE, "bad usage, no token, or the API cannot be reached"),
+    ("devices, tokens, audit, incidents", EXIT_OK, "done"),
+    ("devices, tokens, audit, incidents", 1, "the API said no (4xx/5xx); its error on stderr"),
+    ("devices, tokens, audit, incidents", EXIT_USAGE,
+     "bad usage, no token, or the API cannot be reached"),
     ("migrate", EXIT_OK, "every row copied"),
     ("migrate", EXIT_USAGE, "bad usage or configuration, the database unreachable, or the "
                             "target not empty: nothing was copied"),
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="TOML config file (default: the embedded default)")
     check.add_argument("--state-dir", metavar="DIR",
                        help="state folder whose allowlisted devices count (default: the config's)")
+    check.add_argument("--without-devices", action="store_true",
+                       help="decide without the allowlisted devices (no state to read)")
 
     devices_cli.add_parser(sub)
 
@@ -88,6 +91,10 @@ def _default_client(config: Config) -> str:
         return "127.0.0.1"
     network = config.policy.managed_networks[0]
     return str(network.network_address + (1 if network.num_addresses > 1 else 0))
+
+
+class MissingState(Exception):
+    pass
 
 
 def _stored_devices(config: Config) -> DeviceIndex:
@@ -122,7 +129,9 @@ def _stored_devices(config: Config) -> DeviceIndex:
 
     path = config.state.dir / DB_FILE
     if not path.is_file():
-        return DeviceIndex()
+        raise MissingState(f"no state database at {path}: the allowlisted devices are unknown, "
+                           "so the answer could be wrong; give --state-dir (or the daemon's "
+                           "--config), or --without-devices")
 
     async def load() -> list[Device]:
         store = await SqliteStore.open(path)
@@ -139,8 +148,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, Overrides(state_dir=args.state_dir))
-        engine = build_engine(config, _stored_devices(config))
-    except (ConfigError, ListError) as exc:
+        devices = DeviceIndex() if args.without_devices else _stored_devices(config)
+        engine = build_engine(config, devices)
+    except (ConfigError, ListError, MissingState) as exc:
         return _fail(str(exc))
     client = args.client or _default_client(config)
     try:
@@ -229,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "migrate":
         return cmd_migrate(args)
-    if args.command == "devices":
+    if args.command in devices_cli.COMMANDS:
         return devices_cli.run(args)
     return cmd_check(args)
 

@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 
 from tiktokguard import __version__
 from tiktokguard.api.app import make_app
-from tiktokguard.api.auth import TokenTable, ensure_tokens
+from tiktokguard.api.auth import TokenAdmin, TokenTable, ensure_tokens
 from tiktokguard.api.server import ApiServer
 from tiktokguard.config import Config, ConfigError, Overrides, load_config
 from tiktokguard.core import DnsCore, build_engine, list_paths, list_sources, list_stamp
@@ -151,8 +151,8 @@ class Daemon:
         self.metrics.store_up.set_function(lambda: 1 if store.up else 0)
         watch = getattr(store, "watch", None)  # a shared store: changes by other instances
         if watch is not None:
-            await self._task(stack, watch(self.devices_service.apply_remote,
-                                          self._store_reconnected, self._store_up))
+            await self._task(stack, watch(self._store_changed, self._store_reconnected,
+                                          self._store_up))
         # A URL list with no copy yet is fetched before serving (bounded by the fetch timeout);
         # one with a copy is served from it and refreshed in the background.
         if await self.lists.fetch_all(missing_only=True):
@@ -180,6 +180,8 @@ class Daemon:
             app = make_app(devices=self.devices_service, store=store,
                            tokens=lambda: self.tokens,
                            auth_failed=self.metrics.api_auth_failures.inc,
+                           token_admin=TokenAdmin(store, self._configured_tokens,
+                                                  self._load_tokens),
                            http_settings=lambda: self.config.http,
                            readiness=self.readiness, collect_metrics=self.collect_metrics,
                            sync_incidents=self.sync_incidents, decide=self.decide,
@@ -209,6 +211,13 @@ class Daemon:
             pg = PostgresStore(config.dsn, password, config.instance)  # the watcher connects
         return pg, state_dir / SNAPSHOT_FILE
 
+    async def _store_changed(self, what: str) -> None:
+        """Another instance (or this one) changed a device or the tokens in the shared store."""
+        if what == "tokens":
+            await self._load_tokens()
+        elif self.devices_service is not None:
+            await self.devices_service.apply_remote(what)
+
     async def _store_reconnected(self) -> None:
         """The shared store is back: everything is read again (changes made meanwhile were not
         notified), tokens included."""
@@ -221,14 +230,20 @@ class Daemon:
         if self.notifier is not None:
             self.notifier.ready(self.status_line())
 
+    def _configured_tokens(self) -> dict[str, tuple[str, str]]:
+        return {n: (t.role, t.sha256) for n, t in self.config.http.tokens.items()}
+
     async def _load_tokens(self) -> None:
         assert self.store is not None
-        configured = {n: (t.role, t.sha256) for n, t in self.config.http.tokens.items()}
+        configured = self._configured_tokens()
         try:
             self.tokens, created = await ensure_tokens(self.store, configured,
                                                        self.config.state.dir)
         except StoreUnavailable:
-            return  # the tokens in force stay (none yet at a start: read once it is back)
+            # The stored tokens in force stay (none yet at a start: read once it is back);
+            # the configured ones always work.
+            self.tokens = TokenTable.merged(self.tokens, configured)
+            return
         if created is not None:
             self.token_file = created
 

@@ -65,6 +65,9 @@ EVENTS: dict[str, tuple[str, str]] = {
     "incident_webhook_dropped": ("warning", "an incident the webhook never got, and why"),
     "api_request": ("info", "an API call: method, path, actor, status, client address, ms; "
                             "never a token"),
+    "token_created": ("info", "a personal API token was created: name, role, by whom (never "
+                              "the token)"),
+    "token_revoked": ("info", "a personal API token was revoked: name, by whom"),
     "api_auth_failed": ("warning", "an API request with no token or an unknown one: method, "
                                    "path, client address, reason (never the token)"),
     "http_thread_failed": ("error", "the HTTP API's thread stopped after start (DNS goes on)"),

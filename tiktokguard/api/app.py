@@ -27,7 +27,7 @@ from tiktokguard.logs import get_logger
 from tiktokguard.policy.clients import normalise_mac
 
 if TYPE_CHECKING:
-    from tiktokguard.api.auth import TokenTable
+    from tiktokguard.api.auth import TokenAdmin, TokenTable
     from tiktokguard.config import HttpConfig
     from tiktokguard.devices.service import DeviceService
     from tiktokguard.devices.store import Store
@@ -49,6 +49,7 @@ READINESS: web.AppKey[Callable[[], Readiness]] = web.AppKey("readiness")
 SYNC_INCIDENTS: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("sync_incidents")
 # (client, name, mac) → the decision a query would get now
 DECIDE: web.AppKey[Callable[[str, str, str | None], Decision]] = web.AppKey("decide")
+TOKEN_ADMIN: web.AppKey[TokenAdmin] = web.AppKey("token_admin")
 RELOAD_LISTS: web.AppKey[Callable[[str], Awaitable[ReloadResult]]] = web.AppKey("reload_lists")
 ACTOR = web.RequestKey("actor", str)
 AUTH_FAILED: web.AppKey[Callable[[], None]] = web.AppKey("auth_failed")  # counts a failed sign-in
@@ -128,7 +129,8 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ValidationError as exc:
         return error(400, exc.message, exc.field)
     except NotFound as exc:
-        return error(404, f"no device {exc}")
+        text = str(exc)
+        return error(404, f"no {text}" if text.startswith("token ") else f"no device {text}")
     except Conflict as exc:
         return error(409, exc.message, exc.field)
     except StoreUnavailable as exc:
@@ -353,6 +355,33 @@ async def reload(request: web.Request) -> web.Response:
     return web.json_response({"status": "reloaded", "rules": rules})
 
 
+# -- tokens ----------------------------------------------------------------------------------------
+
+
+@needs("admin")
+async def list_tokens(request: web.Request) -> web.Response:
+    return web.json_response({"tokens": await request.app[TOKEN_ADMIN].list()})
+
+
+@needs("admin")
+async def create_token(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if not isinstance(body, dict) or set(body) - {"name", "role"}:
+        raise ValidationError(None, "expected {\"name\": ..., \"role\": \"admin\" | "
+                                    "\"viewer\"}")
+    token = await request.app[TOKEN_ADMIN].create(body.get("name"), body.get("role"),
+                                                  request[ACTOR])
+    return web.json_response({"name": body["name"], "role": body["role"], "token": token,
+                              "note": "shown once: only its SHA-256 is kept"}, status=201)
+
+
+@needs("admin")
+async def revoke_token(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await request.app[TOKEN_ADMIN].revoke(name, request[ACTOR])
+    return web.json_response({"name": name, "revoked": True})
+
+
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
@@ -367,11 +396,14 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/api/v1/incidents", incidents),
     ("GET", "/api/v1/decision", decision),
     ("POST", "/api/v1/reload", reload),
+    ("GET", "/api/v1/tokens", list_tokens),
+    ("POST", "/api/v1/tokens", create_token),
+    ("DELETE", "/api/v1/tokens/{name}", revoke_token),
 ]
 
 
 def make_app(*, devices: DeviceService, store: Store, tokens: Callable[[], TokenTable],
-             auth_failed: Callable[[], None],
+             auth_failed: Callable[[], None], token_admin: TokenAdmin,
              http_settings: Callable[[], HttpConfig], readiness: Callable[[], Readiness],
              collect_metrics: Callable[[], Awaitable[bytes]],
              sync_incidents: Callable[[], Awaitable[None]],
@@ -383,6 +415,7 @@ def make_app(*, devices: DeviceService, store: Store, tokens: Callable[[], Token
     app[STORE] = store
     app[TOKENS] = tokens
     app[AUTH_FAILED] = auth_failed
+    app[TOKEN_ADMIN] = token_admin
     app[HTTP_SETTINGS] = http_settings
     app[READINESS] = readiness
     app[SYNC_INCIDENTS] = sync_incidents

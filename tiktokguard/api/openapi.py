@@ -163,7 +163,19 @@ def query_parameters() -> dict[tuple[str, str], frozenset[str]]:
     return out
 
 
+TOKEN_CREATE = {
+    "type": "object", "required": ["name", "role"], "additionalProperties": False,
+    "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_.@-]{1,64}$"},
+                   "role": {"enum": ["admin", "viewer"]}},
+}
+
+
 def openapi_document() -> dict[str, Any]:
+    token_list = {"type": "object", "required": ["tokens"], "properties": {"tokens": {
+        "type": "array", "items": {"type": "object", "required": ["name", "role", "source"],
+                                   "properties": {"name": _STR, "role": _STR,
+                                                  "source": {"enum": ["config", "store"]},
+                                                  "created_at": {"type": ["string", "null"]}}}}}}
     device_list = {"type": "object", "required": ["devices"],
                    "properties": {"devices": {"type": "array", "items": _ref("Device")}}}
     return {
@@ -250,5 +262,24 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Reload the block lists (admin)", "security": _VIEW,
                 "responses": {"200": _json({"type": "object"}, "Reloaded"),
                               **_errors(401, 403, 422)}}},
+            "/api/v1/tokens": {
+                "get": {"summary": "API tokens, configured and personal (admin)",
+                        "security": _VIEW,
+                        "responses": {"200": _json(token_list, "Tokens"),
+                                      **_errors(401, 403, 503)}},
+                "post": {"summary": "Create a personal token; shown once (admin)",
+                         "security": _VIEW,
+                         "requestBody": {"required": True, "content": {"application/json": {
+                             "schema": TOKEN_CREATE}}},
+                         "responses": {"201": _json({"type": "object", "required": ["token"],
+                                                     "properties": {"token": _STR}},
+                                                    "The new token (shown once)"),
+                                       **_errors(400, 401, 403, 409, 413, 503)}}},
+            "/api/v1/tokens/{name}": {"delete": {
+                "summary": "Revoke a personal token (admin)", "security": _VIEW,
+                "parameters": [{"name": "name", "in": "path", "required": True,
+                                "schema": _STR}],
+                "responses": {"200": _json({"type": "object"}, "Revoked"),
+                              **_errors(401, 403, 404, 409, 503)}}},
         },
     }

@@ -1,8 +1,11 @@
-"""`tiktokguard devices ...`: a client of the HTTP API for IT user support.
+"""`tiktokguard devices|tokens|audit|incidents ...`: clients of the HTTP API for IT user support
+and the SOC.
 
-The token comes from $TIKTOKGUARD_TOKEN, or else from the admin token file that the embedded
-default writes into ./tiktokguard-state (so a local try-out needs no set-up). Tables for people,
-`--json` for scripts. Exit status: 0 success, 1 the API said no (4xx/5xx), 2 usage or connection.
+The token comes from `--token-file`, else $TIKTOKGUARD_TOKEN, else the admin token file in the
+state folder of `--config` (or of the embedded default, ./tiktokguard-state, so a local try-out
+needs no set-up). The API's address from `--api`, else $TIKTOKGUARD_API, else `--config`'s
+`http.listen`. Tables for people, `--json` for scripts. Exit status: 0 success, 1 the API said
+no (4xx/5xx), 2 usage or connection.
 """
 
 from __future__ import annotations
@@ -22,14 +25,38 @@ from tiktokguard import rfc3339
 
 DEFAULT_API = "http://127.0.0.1:8053"
 TOKEN_ENV = "TIKTOKGUARD_TOKEN"
-TABLE_COLUMNS = ("id", "name", "active", "addresses", "macs", "custodian", "ticket", "expires_at")
+TABLE_COLUMNS = ("id", "name", "active", "addresses", "macs", "custodian", "supervisor",
+                 "ticket", "expires_at")
+COMMANDS = ("devices", "tokens", "audit", "incidents")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api", default=None,
+                        help=f"API base URL (default: $TIKTOKGUARD_API, --config's http.listen, "
+                             f"or {DEFAULT_API})")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"a file holding the API token (default: ${TOKEN_ENV}, or the "
+                             "admin token in the state folder)")
+    parser.add_argument("--config", help="the daemon's TOML config: its API address and "
+                                         "state folder")
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
 
 def add_parser(sub: Any) -> None:
     devices = sub.add_parser("devices", help="manage allowlisted social media devices (HTTP API)")
-    devices.add_argument("--api", default=os.environ.get("TIKTOKGUARD_API", DEFAULT_API),
-                         help=f"API base URL (default {DEFAULT_API}, or $TIKTOKGUARD_API)")
-    devices.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    _common(devices)
+    _add_tokens(sub)
+    audit = sub.add_parser("audit", help="the audit trail of device changes (HTTP API)")
+    _common(audit)
+    audit.add_argument("--device", metavar="ID", help="one device's entries")
+    audit.add_argument("--since", type=_time_arg, help="RFC 3339 time: entries at or after it")
+    audit.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
+    incidents = sub.add_parser("incidents", help="policy incidents, newest first (HTTP API)")
+    _common(incidents)
+    incidents.add_argument("--client", metavar="IP", help="one client's incidents")
+    incidents.add_argument("--rule", help="one rule's incidents")
+    incidents.add_argument("--since", type=_time_arg, help="RFC 3339 time: opened at or after")
+    incidents.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     actions = devices.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="list devices")
     listing.add_argument("--all", action="store_true", help="include deactivated devices")
@@ -57,6 +84,25 @@ def add_parser(sub: Any) -> None:
     deactivate.add_argument("id")
 
 
+def _add_tokens(sub: Any) -> None:
+    tokens = sub.add_parser("tokens", help="personal API tokens (admin; HTTP API)")
+    _common(tokens)
+    actions = tokens.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a token (printed once)")
+    create.add_argument("name", help="the person (the `actor` of what they change)")
+    create.add_argument("--role", choices=("admin", "viewer"), required=True)
+    actions.add_parser("list", help="list tokens (never the tokens themselves)")
+    revoke = actions.add_parser("revoke", help="revoke a personal token")
+    revoke.add_argument("name")
+
+
+def _time_arg(text: str) -> str:
+    try:
+        return rfc3339.format_time(rfc3339.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _expires_at(text: str) -> str:
     """--expires-at, checked before anything is sent (argparse prints the reason, exit 2)."""
     if text == "never":
@@ -67,15 +113,43 @@ def _expires_at(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _token(env: dict[str, str]) -> str | None:
-    token = env.get(TOKEN_ENV)
+class UsageError(Exception):
+    pass
+
+
+def _settings(args: argparse.Namespace, env: dict[str, str]) -> tuple[str, str]:
+    """(API base URL, token) from the flags, the environment and --config. UsageError."""
+    api, state_dir = args.api or env.get("TIKTOKGUARD_API"), Path("tiktokguard-state")
+    if args.config:
+        from tiktokguard.config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        state_dir = config.state.dir
+        if api is None and config.http.listen is not None:
+            host = config.http.listen.host
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1" if host == "::" else host
+            api = f"http://{f'[{host}]' if ':' in host else host}:{config.http.listen.port}"
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--token-file {args.token_file}: {exc.strerror}") from None
+        if not token:
+            raise UsageError(f"--token-file {args.token_file}: the file is empty")
+        return api or DEFAULT_API, token
+    token = env.get(TOKEN_ENV, "").strip()
     if token:
-        return token.strip()
-    local = Path("tiktokguard-state") / "admin.token"
+        return api or DEFAULT_API, token
+    local = state_dir / "admin.token"
     try:
-        return local.read_text().strip() or None
-    except OSError:
-        return None
+        token = local.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"no API token: give --token-file, set ${TOKEN_ENV}, or run where "
+                         f"{local} is readable ({exc.strerror})") from None
+    return api or DEFAULT_API, token
 
 
 def _body(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,16 +174,7 @@ def printable(text: str) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, list):
-            return printable(",".join(value)) or "-"
-        if value is None:
-            return "-"
-        return printable(str(value))
-    grid = [list(TABLE_COLUMNS)] + [[cell(r.get(c)) for c in TABLE_COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in grid) for i in range(len(TABLE_COLUMNS))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
-                     for row in grid)
+    return _rows(rows, TABLE_COLUMNS)
 
 
 def _details(device: dict[str, Any], audit: list[dict[str, Any]]) -> str:
@@ -118,23 +183,43 @@ def _details(device: dict[str, Any], audit: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append("audit:")
     for entry in audit:
-        lines.append(f"  {entry['at']}  {printable(entry['actor']):12} {entry['action']}")
+        changed = "; ".join(_changed(entry))
+        lines.append(f"  {entry['at']}  {printable(entry['actor']):12} {entry['action']}"
+                     + (f"  {changed}" if changed else ""))
     return "\n".join(lines)
 
 
-async def _call(args: argparse.Namespace, token: str) -> tuple[int, Any]:
-    base = args.api.rstrip("/") + "/api/v1"
+async def _call(args: argparse.Namespace, api: str, token: str) -> tuple[int, Any]:
+    base = api.rstrip("/") + "/api/v1"
     headers = {"Authorization": f"Bearer {token}"}
     timeout = aiohttp.ClientTimeout(total=15)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
-        async def request(method: str, path: str, body: Any = None) -> tuple[int, Any]:
-            async with http.request(method, base + path, json=body) as response:
+        async def request(method: str, path: str, body: Any = None,
+                          params: dict[str, str] | None = None) -> tuple[int, Any]:
+            async with http.request(method, base + path, json=body, params=params) as response:
                 try:
                     data = await response.json(content_type=None)
                 except (json.JSONDecodeError, aiohttp.ContentTypeError):
                     data = {"error": await response.text(), "field": None}
                 return response.status, data
 
+        if args.command == "audit":
+            params = {k: v for k, v in (("device_id", args.device), ("since", args.since),
+                                        ("limit", str(args.limit))) if v}
+            status, data = await request("GET", "/audit", params=params)
+            return status, data.get("entries", data) if status == 200 else data
+        if args.command == "incidents":
+            params = {k: v for k, v in (("client", args.client), ("rule", args.rule),
+                                        ("since", args.since), ("limit", str(args.limit))) if v}
+            status, data = await request("GET", "/incidents", params=params)
+            return status, data.get("incidents", data) if status == 200 else data
+        if args.command == "tokens":
+            if args.action == "create":
+                return await request("POST", "/tokens", {"name": args.name, "role": args.role})
+            if args.action == "list":
+                status, data = await request("GET", "/tokens")
+                return status, data.get("tokens", data) if status == 200 else data
+            return await request("DELETE", f"/tokens/{args.name}")
         if args.action == "list":
             status, data = await request("GET", "/devices" + ("" if args.all else "?active=true"))
             return status, data.get("devices", data) if status == 200 else data
@@ -151,16 +236,31 @@ async def _call(args: argparse.Namespace, token: str) -> tuple[int, Any]:
         return await request("DELETE", f"/devices/{args.id}")
 
 
+def _rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    grid = [list(columns)] + [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in grid) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+                     for row in grid)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return printable(",".join(value)) or "-"
+    if value is None:
+        return "-"
+    return printable(str(value))
+
+
 def run(args: argparse.Namespace) -> int:
-    token = _token(dict(os.environ))
-    if token is None:
-        print(f"tiktokguard: no API token: set ${TOKEN_ENV} (or run where "
-              "tiktokguard-state/admin.token is readable)", file=sys.stderr)
+    try:
+        api, token = _settings(args, dict(os.environ))
+    except UsageError as exc:
+        print(f"tiktokguard: {exc}", file=sys.stderr)
         return 2
     try:
-        status, data = asyncio.run(_call(args, token))
+        status, data = asyncio.run(_call(args, api, token))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        print(f"tiktokguard: cannot reach the API at {args.api}: {exc}", file=sys.stderr)
+        print(f"tiktokguard: cannot reach the API at {api}: {exc}", file=sys.stderr)
         return 2
     if status >= 400:
         field = f" (field: {data.get('field')})" if data.get("field") else ""
@@ -168,6 +268,20 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(data, indent=2))
+    elif args.command == "audit":
+        print(_rows([{**e, "changed": ", ".join(_changed(e))} for e in data],
+                    ("at", "actor", "action", "device_id", "changed", "instance")))
+    elif args.command == "incidents":
+        print(_rows(data, ("first_seen", "client_ip", "client_mac", "rule", "name", "count",
+                           "instance")))
+    elif args.command == "tokens":
+        if args.action == "create":
+            print(f"{data['token']}\n(token {data['name']!r}, role {data['role']}: shown once, "
+                  "keep it safe; only its SHA-256 is kept)")
+        elif args.action == "list":
+            print(_rows(data, ("name", "role", "source", "created_at")))
+        else:
+            print(f"revoked {data['name']!r}")
     elif args.action == "list":
         print(_table(data))
     elif args.action == "show":
@@ -175,3 +289,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(_table([data]))
     return 0
+
+
+def _changed(entry: dict[str, Any]) -> list[str]:
+    """What an audit entry changed: the fields whose values differ, before → after."""
+    before, after = entry.get("before") or {}, entry.get("after") or {}
+    out = []
+    for key in ("name", "addresses", "macs", "custodian", "supervisor", "ticket", "location",
+                "expires_at", "active"):
+        if before and before.get(key) != after.get(key):
+            out.append(f"{key}: {_cell(before.get(key))} -> {_cell(after.get(key))}")
+    return out

@@ -30,7 +30,8 @@ from tiktokguard.devices.model import DeviceRecord
 from tiktokguard.devices.store import SchemaTooNew, StoreUnavailable
 from tiktokguard.logs import get_logger
 
-CHANNEL = "tiktokguard_devices"
+CHANNEL = "tiktokguard_devices"  # payload: a device id, or TOKENS_CHANGED
+TOKENS_CHANGED = "tokens"  # (no device id is this: they start with "dev-")
 LOCK_ID = 0x7469_6B74  # pg_advisory_lock key: "tikt"
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
@@ -265,10 +266,32 @@ class PostgresStore:
         rows = await self._call(lambda c: c.fetch("SELECT name, role, sha256 FROM api_tokens"))
         return {r["name"]: (r["role"], r["sha256"]) for r in rows}
 
-    async def add_token(self, name: str, role: str, sha256: str, at: str) -> None:
-        await self._call(lambda c: c.execute(
-            "INSERT INTO api_tokens (name, role, sha256, created_at) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (name) DO NOTHING", name, role, sha256, at))
+    async def add_token(self, name: str, role: str, sha256: str, at: str) -> bool:
+        """False when a token of that name exists. Every instance is told (NOTIFY)."""
+        async def work(conn: asyncpg.Connection) -> bool:
+            async with conn.transaction():
+                added = await conn.fetchval(
+                    "INSERT INTO api_tokens (name, role, sha256, created_at) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING RETURNING name",
+                    name, role, sha256, at)
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, TOKENS_CHANGED)
+            return added is not None
+        return bool(await self._call(work))
+
+    async def delete_token(self, name: str) -> bool:
+        async def work(conn: asyncpg.Connection) -> bool:
+            async with conn.transaction():
+                gone = await conn.fetchval("DELETE FROM api_tokens WHERE name = $1 "
+                                           "RETURNING name", name)
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, TOKENS_CHANGED)
+            return gone is not None
+        return bool(await self._call(work))
+
+    async def token_list(self) -> list[dict[str, str]]:
+        rows = await self._call(lambda c: c.fetch(
+            "SELECT name, role, created_at FROM api_tokens ORDER BY name"))
+        return [{"name": r["name"], "role": r["role"], "created_at": r["created_at"]}
+                for r in rows]
 
     # -- incidents -------------------------------------------------------------------------------
 

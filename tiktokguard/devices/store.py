@@ -112,7 +112,9 @@ class Store(Protocol):
                     limit: int = 100, offset: int = 0) -> list[dict[str, Any]]: ...
     async def expiry_audited(self) -> set[str]: ...
     async def tokens(self) -> dict[str, tuple[str, str]]: ...
-    async def add_token(self, name: str, role: str, sha256: str, at: str) -> None: ...
+    async def add_token(self, name: str, role: str, sha256: str, at: str) -> bool: ...
+    async def delete_token(self, name: str) -> bool: ...
+    async def token_list(self) -> list[dict[str, str]]: ...
     async def save_incidents(self, rows: list[dict[str, Any]]) -> None: ...
     async def incidents(self, since: str | None, client: str | None, rule: str | None,
                         limit: int, offset: int) -> list[dict[str, Any]]: ...
@@ -304,11 +306,26 @@ class SqliteStore:
             return {r["name"]: (r["role"], r["sha256"]) for r in rows}
         return await self._run(run)
 
-    async def add_token(self, name: str, role: str, sha256: str, at: str) -> None:
-        def run() -> None:
-            self.db.execute("INSERT INTO api_tokens (name, role, sha256, created_at) "
-                            "VALUES (?, ?, ?, ?)", (name, role, sha256, at))
-        await self._run(run)
+    async def add_token(self, name: str, role: str, sha256: str, at: str) -> bool:
+        """False when a token of that name exists (nothing is changed)."""
+        def run() -> bool:
+            return bool(self.db.execute(
+                "INSERT INTO api_tokens (name, role, sha256, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO NOTHING", (name, role, sha256, at)).rowcount)
+        return await self._run(run)
+
+    async def delete_token(self, name: str) -> bool:
+        def run() -> bool:
+            return bool(self.db.execute("DELETE FROM api_tokens WHERE name = ?",
+                                        (name,)).rowcount)
+        return await self._run(run)
+
+    async def token_list(self) -> list[dict[str, str]]:
+        def run() -> list[dict[str, str]]:
+            rows = self.db.execute("SELECT name, role, created_at FROM api_tokens ORDER BY name")
+            return [{"name": r["name"], "role": r["role"], "created_at": r["created_at"]}
+                    for r in rows]
+        return await self._run(run)
 
     # -- incidents -------------------------------------------------------------------------------
 

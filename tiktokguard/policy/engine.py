@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from tiktokguard.dnsname import NOERROR, NXDOMAIN, text_to_wire
 from tiktokguard.policy.clients import ClientClass, ClientClassifier, Device, client_address
-from tiktokguard.policy.domains import DomainMatcher
+from tiktokguard.policy.domains import DomainMatcher, normalise_domain
 
 
 class Verdict:
@@ -67,6 +67,21 @@ class Decision:
         if self.device:
             parts.append(f"device={self.device.id} ({self.device.name})")
         return " ".join(parts)
+
+
+def query_name(text: str) -> str:
+    """A name as people type it (CLI `check`, API `decision`), checked: a URL or an address
+    with a path is refused with a hint, not decided as a name no one will ever ask for.
+    ValueError."""
+    stripped = text.strip()
+    if "://" in stripped or "/" in stripped or "@" in stripped:
+        host = stripped.split("://", 1)[-1].split("/", 1)[0].split("@")[-1].split(":")[0]
+        raise ValueError(f"{text!r} is not a DNS name (a URL or a mail address?); the name in "
+                         f"it is {host!r}")
+    try:
+        return normalise_domain(stripped) if stripped not in (".", "") else stripped
+    except ValueError as exc:
+        raise ValueError(f"{exc} (a DNS name, such as www.tiktok.com)") from None
 
 
 _REFUSED = Decision(Verdict.REFUSED, ClientClass.REFUSED)
@@ -128,7 +143,7 @@ class PolicyEngine:
                     ) -> Decision:
         """decide() for a name in presentation form (CLI `check`, API `decision`), naming the
         exception that allowed it when one did (the query path does not look that up)."""
-        qname = text_to_wire(name)
+        qname = text_to_wire(query_name(name))
         decision = self.decide(client_address(client_ip), mac, qname, now)
         if decision.rule is None and decision.verdict != Verdict.REFUSED:
             exception = self.matcher.exception_for(qname)
