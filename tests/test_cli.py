@@ -233,3 +233,43 @@ def test_a_newer_schema_exits_2_with_one_line(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "schema version 999 is newer" in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+async def test_tokens_audit_and_incidents_commands_with_config_and_token_file(
+        tmp_path: Path) -> None:
+    from tests.fakes import free_port
+
+    port, http_port = free_port(), free_port()
+    config = tmp_path / "tg.toml"
+    config.write_text(f'[dns]\nlisten = ["127.0.0.1:{port}"]\nupstreams = ["192.0.2.1"]\n'
+                      f'[http]\nlisten = "127.0.0.1:{http_port}"\n[state]\ndir = "state"\n')
+    async with serve("--config", str(config), cwd=tmp_path):
+        async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return await asyncio.to_thread(run_cli, *args, cwd=ROOT)
+        # --config: the API's address and the state folder's admin token, from anywhere.
+        created = await cli("tokens", "--config", str(config), "create", "jane.doe",
+                            "--role", "admin")
+        assert created.returncode == 0, created.stderr
+        token = created.stdout.split()[0]
+        token_file = tmp_path / "jane.token"
+        token_file.write_text(token + "\n")
+        api = f"http://127.0.0.1:{http_port}"
+        added = await cli("devices", "--api", api, "--token-file", str(token_file), "add",
+                          "--name", "phone", "--address", "127.0.0.20", "--custodian", "C",
+                          "--supervisor", "S", "--ticket", "SR-1")
+        assert added.returncode == 0, added.stderr
+        audit = await cli("audit", "--api", api, "--token-file", str(token_file))
+        assert audit.returncode == 0 and "jane.doe" in audit.stdout and "create" in audit.stdout
+        listing = await cli("tokens", "--config", str(config), "list")
+        assert "jane.doe" in listing.stdout and token not in listing.stdout
+        incidents = await cli("incidents", "--config", str(config), "--json")
+        assert incidents.returncode == 0 and json.loads(incidents.stdout) == []
+        missing = await cli("audit", "--api", api, "--token-file", str(tmp_path / "none"))
+        assert missing.returncode == 2 and str(tmp_path / "none") in missing.stderr
+
+
+def test_version() -> None:
+    from tiktokguard import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"tiktokguard {__version__}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import sys
 import time
@@ -21,13 +22,15 @@ from tiktokguard.policy.domains import ListError
 from tiktokguard.policy.engine import Verdict
 
 EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
+EXIT_RETRY = 1  # serve: worth trying again (systemd restarts it)
 # Every exit status, by command (docs/reference.md is generated from this).
 EXIT_CODES: tuple[tuple[str, int, str], ...] = (
     ("serve", EXIT_OK, "stopped by SIGTERM or SIGINT, queries in flight answered"),
-    ("serve", 1, "an unexpected error after start (a traceback on stderr); systemd restarts it"),
-    ("serve", EXIT_USAGE, "bad configuration or list file, an address that cannot be bound, a "
-                          "state database newer than this version: one line on stderr; the unit "
-                          "does not restart (RestartPreventExitStatus=2)"),
+    ("serve", EXIT_RETRY, "a listen address not (yet) there or in use, or an unexpected error "
+                          "after start (a traceback): systemd restarts it"),
+    ("serve", EXIT_USAGE, "bad configuration or list file, a file or folder it may not use "
+                          "(named), a state database newer than this version: one line on "
+                          "stderr; the unit does not restart (RestartPreventExitStatus=2)"),
     ("check", EXIT_OK, "the name would be resolved for that client"),
     ("check", EXIT_BLOCKED, "the name would be blocked (or the client refused)"),
     ("check", EXIT_USAGE, "bad usage or configuration"),
@@ -193,7 +196,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         runner(daemon.run())
     except OSError as exc:
-        return _fail(str(exc.strerror or exc))
+        message = str(exc.strerror or exc)
+        if exc.filename:  # a file-system error names its path
+            message = f"{exc.filename}: {message}"
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            # At boot the address may not be up yet, or the old process not gone: systemd
+            # tries again (exit 1 is not in RestartPreventExitStatus).
+            print(f"tiktokguard: {message}", file=sys.stderr)
+            return EXIT_RETRY
+        return _fail(message)
     except SchemaTooNew as exc:  # one line, and an exit status systemd does not restart
         return _fail(str(exc))
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -382,6 +383,27 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "revoked": True})
 
 
+# -- the IT support page -----------------------------------------------------------------------
+
+ADMIN_FILES = {"index.html": "text/html", "admin.js": "text/javascript",
+               "admin.css": "text/css"}
+# Only this origin's own files; no inline script or style, no framing, no form posts elsewhere.
+ADMIN_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+             "img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+@needs(None)
+async def admin_page(request: web.Request) -> web.StreamResponse:
+    name = request.match_info.get("file", "index.html")
+    content_type = ADMIN_FILES.get(name)
+    if content_type is None:
+        raise web.HTTPNotFound()
+    body = (resources.files("tiktokguard") / "admin" / name).read_bytes()
+    return web.Response(body=body, content_type=content_type, charset="utf-8", headers={
+        "Content-Security-Policy": ADMIN_CSP, "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+
+
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
@@ -424,4 +446,6 @@ def make_app(*, devices: DeviceService, store: Store, tokens: Callable[[], Token
     app[METRICS_PAGE] = MetricsPage(collect_metrics)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
+    app.router.add_get("/admin", admin_page)
+    app.router.add_get("/admin/{file}", admin_page)
     return app

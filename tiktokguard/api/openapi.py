@@ -163,6 +163,9 @@ def query_parameters() -> dict[tuple[str, str], frozenset[str]]:
     return out
 
 
+_LABEL = "[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+# A DNS name as the decision API takes it (a URL or other junk is a 400 with a hint).
+_NAME_PATTERN = f"^(?:{_LABEL}\\.)*{_LABEL}\\.?$"
 TOKEN_CREATE = {
     "type": "object", "required": ["name", "role"], "additionalProperties": False,
     "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_.@-]{1,64}$"},
@@ -255,7 +258,7 @@ def openapi_document() -> dict[str, Any]:
                                                             {"format": "ipv6"}]}},
                     {"name": "name", "in": "query", "required": True,
                      "schema": {"type": "string", "maxLength": 253,
-                                "pattern": "^(?:[!-\\-/-~]{1,63}\\.)*[!-\\-/-~]{1,63}\\.?$"}},
+                                "pattern": _NAME_PATTERN}},
                     {"name": "mac", "in": "query", "schema": _MAC}],
                 "responses": {"200": _json(_ref("Decision"), "Decision"), **_errors(400, 401)}}},
             "/api/v1/reload": {"post": {
