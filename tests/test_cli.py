@@ -273,3 +273,28 @@ def test_version() -> None:
 
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"tiktokguard {__version__}"
+
+
+def test_an_address_in_use_exits_1_so_that_systemd_tries_again(tmp_path: Path) -> None:
+    from tests.fakes import free_port
+
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        config = tmp_path / "tg.toml"
+        config.write_text(f'[dns]\nlisten = ["127.0.0.1:{port}"]\nupstreams = ["192.0.2.1"]\n'
+                          '[http]\nlisten = ""\n')
+        result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr  # not 2: RestartPreventExitStatus=2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+async def test_healthz_and_build_info_say_the_version(tmp_path: Path) -> None:
+    from tests.conftest import running_daemon
+    from tiktokguard import __version__
+
+    async with running_daemon(tmp_path, ["192.0.2.1:53"], http=True) as tg, \
+            aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{tg.http_port}/healthz") as response:
+        assert (await response.json())["version"] == __version__
+    assert tg.metrics.sample("tiktokguard_build_info", version=__version__) == 1
