@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -396,6 +397,19 @@ class DnsConfig:
     rate_limit_burst: int = setting(
         0, _int_in(0, 10_000_000),
         "Queries a client may send at once above the rate; 0 means twice rate_limit_qps.")
+    tls_listen: tuple[HostPort, ...] = setting(
+        (), _list_of(HOSTPORT), "DNS over TLS (RFC 7858) on these addresses, e.g. "
+        "[\"0.0.0.0:853\"]; needs tls_certificate and tls_private_key.", reload=False)
+    https_listen: tuple[HostPort, ...] = setting(
+        (), _list_of(HOSTPORT), "DNS over HTTPS (RFC 8484, path /dns-query, HTTP/1.1) on these "
+        "addresses, e.g. [\"0.0.0.0:443\"].", reload=False)
+    tls_certificate: str = setting(
+        "", PATH, "PEM certificate chain of the encrypted listeners (re-read on SIGHUP).")
+    tls_private_key: str = setting(
+        "", PATH, "PEM private key of that certificate (re-read on SIGHUP).")
+    tls_name: str = setting(
+        "", STRING, "The name the certificate is for, e.g. \"dns.campus.example\": what "
+        "Discovery of Designated Resolvers (RFC 9462) tells clients to connect to.")
     serve_stale: bool = setting(
         True, BOOL,
         "While every upstream fails, serve expired answers (up to a day past expiry) with TTL "
@@ -711,6 +725,33 @@ def resolve_list_path(entry: str, base: Path) -> Path | None:
     return None
 
 
+def _encrypted(dns: DnsConfig, source: str, base: Path) -> DnsConfig:
+    """The TLS files as absolute paths, checked by loading them: a bad certificate must stop the
+    start, naming the key, not fail at the first handshake."""
+    def absolute(text: str) -> str:
+        path = Path(text).expanduser()
+        return str(path if path.is_absolute() else base / path) if text else ""
+    dns = replace(dns, tls_certificate=absolute(dns.tls_certificate),
+                  tls_private_key=absolute(dns.tls_private_key))
+    if not dns.tls_listen and not dns.https_listen:
+        return dns
+    for key in ("tls_certificate", "tls_private_key", "tls_name"):
+        if not getattr(dns, key):
+            raise ConfigError(f"{source}: [dns] {key}: the encrypted listeners (tls_listen, "
+                              "https_listen) need it")
+    try:  # (as dns/tls.py loads them; config imports nothing of the dns package)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(dns.tls_certificate,
+                                                                dns.tls_private_key)
+    except ssl.SSLError as exc:  # (before OSError, of which it is one)
+        raise ConfigError(f"{source}: [dns] tls_certificate: {dns.tls_certificate} with "
+                          f"{dns.tls_private_key}: not a usable certificate and key "
+                          f"({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: [dns] tls_certificate/tls_private_key: "
+                          f"{exc.filename or dns.tls_certificate}: {exc.strerror}") from None
+    return dns
+
+
 def _store(values: dict[str, Any], source: str, base: Path) -> StoreConfig:
     store = StoreConfig(**values)
     if store.backend == "postgres" and not store.dsn:
@@ -813,7 +854,8 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
         if not dns.upstreams:
             raise ConfigError(f"{source}: [dns] upstreams: none configured and none found in "
                               f"{resolv_conf}")
-    own = {(hp.host, hp.port) for hp in dns.listen}
+    dns = _encrypted(dns, source, base)
+    own = {(hp.host, hp.port) for hp in dns.listen + dns.tls_listen + dns.https_listen}
     for index, upstream in enumerate(dns.upstreams):
         if (upstream.host, upstream.port) in own:
             raise ConfigError(f"{source}: [dns] upstreams[{index}]: {upstream} is one of our own "

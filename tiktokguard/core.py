@@ -8,18 +8,22 @@ reloads through the same methods here, so a worker can never drift from the main
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from tiktokguard.config import RESTART_KEYS, Config, HostPort, PolicyConfig, setting_of
-from tiktokguard.dns.answers import BlockAnswers
+from tiktokguard.dns import doh, tls
+from tiktokguard.dns.answers import BlockAnswers, DdrAnswer
 from tiktokguard.dns.cache import AnswerCache
 from tiktokguard.dns.pipeline import IncidentSink, MacSource, Pipeline
 from tiktokguard.dns.ratelimit import RateLimiter
 from tiktokguard.dns.runtime import Runtime, TcpLimits
-from tiktokguard.dns.server import ServerState, start_listeners
+from tiktokguard.dns.server import ServerState, start_listeners, start_tls_listeners
 from tiktokguard.dns.upstream import UpstreamPool
 from tiktokguard.dnsname import text_to_wire
 from tiktokguard.metrics import Metrics
@@ -107,6 +111,8 @@ class DnsCore:
                                  clock=clock)
         self.server = ServerState(self.pipeline)
         self.listeners: list[asyncio.BaseTransport | asyncio.Server] = []
+        self.tls_context: ssl.SSLContext | None = None
+        self.doh: web.AppRunner | None = None
         self.list_error: str | None = None
         self.list_stamp = list_stamp(list_paths(config.policy))
 
@@ -156,8 +162,12 @@ class DnsCore:
                               policy.redirect_ipv6)
         tcp = TcpLimits(dns.tcp_idle_timeout_ms / 1000, dns.max_tcp_connections,
                         dns.max_tcp_per_client)
+        ddr = None
+        if dns.tls_name and (dns.tls_listen or dns.https_listen):
+            ddr = DdrAnswer(dns.tls_name, tuple(sorted({a.port for a in dns.tls_listen})),
+                            tuple(sorted({a.port for a in dns.https_listen})))
         return Runtime(engine, blocks, pool, ratelimit, dns.max_ttl, dns.max_negative_ttl, tcp,
-                       forward)
+                       forward, ddr)
 
     def _make_pool(self, upstreams: tuple[HostPort, ...], timeout_ms: int) -> UpstreamPool:
         stats = self.metrics.stats
@@ -167,10 +177,42 @@ class DnsCore:
 
     # -- listeners ------------------------------------------------------------------------------
 
-    async def listen(self) -> None:
-        """Bind every dns.listen address (shared with the other workers when there are any)."""
-        self.listeners = await start_listeners(self.server, self.config.dns.listen,
-                                               reuse_port=self.config.dns.workers > 1)
+    async def listen(self, encrypted: bool = False) -> None:
+        """Bind every dns.listen address (shared with the other workers when there are any);
+        with `encrypted` (the main process), the DoT and DoH listeners too."""
+        dns = self.config.dns
+        self.listeners = await start_listeners(self.server, dns.listen,
+                                               reuse_port=dns.workers > 1)
+        if not encrypted or not (dns.tls_listen or dns.https_listen):
+            return
+        self.tls_context = tls.server_context(Path(dns.tls_certificate),
+                                              Path(dns.tls_private_key))
+        try:
+            self.listeners += await start_tls_listeners(
+                self.server, dns.tls_listen, self.tls_context, dns.tcp_idle_timeout_ms / 1000)
+            if dns.https_listen:
+                self.doh = await doh.start(self.pipeline.handle, dns.https_listen,
+                                           self.tls_context)
+        except BaseException:
+            self.close()
+            raise
+
+    def reload_certificate(self) -> str | None:
+        """SIGHUP: the certificate and key read again into the context in force (open
+        connections keep theirs). The error, when they cannot be loaded (the old ones stay)."""
+        dns = self.config.dns
+        if self.tls_context is None:
+            return None
+        try:
+            tls.reload(self.tls_context, Path(dns.tls_certificate), Path(dns.tls_private_key))
+        except (OSError, ValueError) as exc:
+            return f"{dns.tls_certificate}: {exc}"
+        return None
+
+    async def close_doh(self) -> None:
+        if self.doh is not None:
+            await self.doh.cleanup()
+            self.doh = None
 
     def close(self) -> None:
         for item in self.listeners:
@@ -185,6 +227,7 @@ class DnsCore:
         """Stop taking queries, answer the ones in flight (bounded), close."""
         self.server.stop_accepting()
         await self.server.drain(drain_seconds)
+        await self.close_doh()
         self.close()
 
     # -- reloads --------------------------------------------------------------------------------

@@ -171,8 +171,9 @@ class Daemon:
                                                         self.clock())
             self.devices_service.propagate.append(backstop.sync_exemptions)
             await self._task(stack, backstop.run())
-        await self.core.listen()
+        await self.core.listen(encrypted=True)
         stack.callback(self.core.close)
+        stack.push_async_callback(self.core.close_doh)
         stack.push_async_callback(self.workers.stop)
         await self.workers.start()
         if self.config.http.listen is not None:
@@ -283,6 +284,8 @@ class Daemon:
                 log.info("admin_token_created", path=str(self.token_file))
             log.info("started", version=__version__,
                      dns=[str(a) for a in self.config.dns.listen],
+                     dot=[str(a) for a in self.config.dns.tls_listen],
+                     doh=[str(a) for a in self.config.dns.https_listen],
                      http=str(self.config.http.listen) if self.config.http.listen else None,
                      upstreams=[str(u) for u in self.config.dns.upstreams],
                      rules=len(self.engine.matcher), workers=self.config.dns.workers,
@@ -326,6 +329,9 @@ class Daemon:
                     log.info("config_reloaded", reason=reason, config=self.config.source)
                 if self.core.backstop is not None:
                     self.core.backstop.request_check()  # the firewall may have been reloaded
+                problem = self.core.reload_certificate()  # (a renewed certificate)
+                if problem is not None:
+                    log.error("tls_certificate_reload_failed", reason=reason, error=problem)
                 return await self._reload_lists(reason)
             finally:
                 self.notifier.ready(self.status_line())

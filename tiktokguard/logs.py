@@ -44,6 +44,9 @@ EVENTS: dict[str, tuple[str, str]] = {
     "config_reloaded": ("info", "SIGHUP: the config re-read and in force"),
     "config_reload_failed": ("error", "SIGHUP: the config has an error; the one in force stays"),
     "restart_required": ("warning", "a reload changed keys that only a restart applies"),
+    "tls_certificate_reload_failed": ("error", "SIGHUP: the certificate or key of the "
+                                               "encrypted listeners could not be loaded; the "
+                                               "ones in force stay"),
     "blocklists_reloaded": ("info", "the lists re-read (SIGHUP, a file changed, the API)"),
     "blocklists_reload_failed": ("error", "a list file is missing or has a bad line (file and "
                                           "line); the lists in force stay"),

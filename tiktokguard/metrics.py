@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from tiktokguard import __version__
 from tiktokguard.policy.engine import Verdict
 
-TRANSPORTS = ("udp", "tcp")
+TRANSPORTS = ("udp", "tcp", "dot", "doh")
 # Every value a labelled counter can take is exported from the start at 0, so that the first
 # event shows in increase()/rate() (a series born at its full count shows nothing).
 UPSTREAM_ERROR_KINDS = ("timeout", "unreachable", "tcp", "mismatch", "malformed", "servfail",

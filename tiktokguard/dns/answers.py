@@ -25,6 +25,39 @@ from tiktokguard.dns.wire import (
 )
 
 _U16 = struct.Struct("!H")
+TYPE_SVCB = 64
+DDR_NAME = text_to_wire("_dns.resolver.arpa")
+DDR_TTL = 300
+
+
+class DdrAnswer:
+    """Discovery of Designated Resolvers (RFC 9462): `_dns.resolver.arpa` SVCB names this
+    resolver's own encrypted endpoints, so clients upgrade to them (and to no one else's).
+    The records are built once, with dnslib; an answer copies them after the question."""
+
+    def __init__(self, name: str, dot_ports: tuple[int, ...], doh_ports: tuple[int, ...]
+                 ) -> None:
+        from dnslib import HTTPS, Buffer
+
+        target = name.rstrip(".") + "."
+        params = ([["alpn=dot", f"port={port}"] for port in dot_ports]
+                  + [["alpn=http/1.1", f"port={port}", "key7=/dns-query{?dns}"]
+                     for port in doh_ports])
+        records = []
+        for priority, extra in enumerate(params, start=1):
+            buffer = Buffer()
+            HTTPS.fromZone([str(priority), target, *extra]).pack(buffer)
+            rdata = bytes(buffer.data)
+            records.append(b"\xc0\x0c" + struct.pack("!HHIH", TYPE_SVCB, 1, DDR_TTL, len(rdata))
+                           + rdata)
+        self.records = b"".join(records)
+        self.count = len(records)
+
+    def answer(self, query: Query) -> bytes:
+        """SVCB: the endpoints; any other type: NODATA (the name exists, with no such data)."""
+        if query.qtype == TYPE_SVCB:
+            return response(query, NOERROR, self.records, self.count)
+        return negative_answer(query, NOERROR, DDR_NAME, DDR_TTL)
 
 
 class BlockAnswers:

@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from tiktokguard.dns.answers import DDR_NAME
 from tiktokguard.dns.cache import (
     SERVFAIL_TTL,
     AnswerCache,
@@ -157,6 +158,12 @@ class Pipeline:
                    else self._mac(query, client_ip))
             decision = engine.decide(client_ip, mac, query.qname, now)
             verdict = decision.verdict
+            if rt.ddr is not None and query.qname == DDR_NAME and verdict != Verdict.REFUSED:
+                # Discovery of Designated Resolvers: our own encrypted endpoints, for every
+                # client we serve (managed ones too: they upgrade to us, to no one else).
+                return self.finish(query, Decision(Verdict.ALLOWED, decision.client_class),
+                                   rt.ddr.answer(query), client_ip, mac, transport, now,
+                                   started)
             if verdict == Verdict.REFUSED:
                 return self.finish(query, decision, response(query, REFUSED), client_ip, mac,
                                    transport, now, started)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tiktokguard.dns.answers import BlockAnswers
+from tiktokguard.dns.answers import BlockAnswers, DdrAnswer
 from tiktokguard.dns.cache import MAX_NEGATIVE_TTL, MAX_TTL
 from tiktokguard.dns.ratelimit import RateLimiter
 from tiktokguard.dns.upstream import UpstreamPool
@@ -35,6 +35,7 @@ class Runtime:
     tcp: TcpLimits = TcpLimits()
     # Conditional forwarding: zone (wire form) → its own pool (own health, own SRTTs).
     forward: dict[bytes, UpstreamPool] = field(default_factory=dict)
+    ddr: DdrAnswer | None = None  # our encrypted endpoints, when there are any (RFC 9462)
 
     def pool_for(self, qname: bytes) -> UpstreamPool:
         """The pool of the most specific forward zone that holds qname (wire form, lower

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import time
 from collections import OrderedDict
@@ -146,8 +147,12 @@ class UdpProtocol(asyncio.DatagramProtocol):
 
 
 class TcpProtocol(asyncio.Protocol):
-    def __init__(self, state: ServerState) -> None:
+    """DNS over TCP (RFC 7766), and over TLS (RFC 7858: the same framing inside TLS; asyncio's
+    SSL transport hands over the plaintext, so `label` is all that differs)."""
+
+    def __init__(self, state: ServerState, label: str = "tcp") -> None:
         self.state = state
+        self.label = label
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.buffer = bytearray()
@@ -258,7 +263,7 @@ class TcpProtocol(asyncio.Protocol):
         return True
 
     def _query(self, message: bytes) -> None:
-        result = self.state.pipeline.handle(message, self.client_ip, "tcp")
+        result = self.state.pipeline.handle(message, self.client_ip, self.label)
         if result is None:
             if len(message) < 12 and self.transport is not None:
                 # RFC 7766 §8: a malformed frame leaves the stream in doubt; close it.
@@ -309,6 +314,33 @@ def _udp_socket(address: HostPort, reuse_port: bool = False) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def start_tls_listeners(state: ServerState, listen: tuple[HostPort, ...],
+                              context: ssl.SSLContext, handshake_timeout: float
+                              ) -> list[asyncio.Server]:
+    """DNS over TLS on every address (RFC 7858). A client that does not finish its handshake
+    within handshake_timeout is dropped; the connection then counts against the same TCP
+    limits as plain TCP. Raises OSError naming the address."""
+    loop = asyncio.get_running_loop()
+    opened: list[asyncio.Server] = []
+    try:
+        for address in listen:
+            try:
+                server = await loop.create_server(
+                    lambda: TcpProtocol(state, "dot"), address.host, address.port,
+                    family=_family(address.host), reuse_address=True, backlog=1024,
+                    ssl=context, ssl_handshake_timeout=handshake_timeout)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {address} (tls): "
+                                         f"{exc.strerror}") from None
+            opened.append(server)
+            state.servers.append(server)
+    except BaseException:
+        for item in opened:
+            item.close()
+        raise
+    return opened
 
 
 async def start_listeners(state: ServerState, listen: tuple[HostPort, ...],

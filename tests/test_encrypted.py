@@ -1,0 +1,183 @@
+"""DNS over TLS and over HTTPS, and Discovery of Designated Resolvers, against a certificate
+authority made at test time (openssl)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import dns.asyncquery
+import dns.edns
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from tests.conftest import MANAGED, UNMANAGED, Running, running_daemon
+from tests.fakes import FakeUpstream, free_port
+from tiktokguard.config import ConfigError, load_config
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+
+
+@dataclass
+class Pki:
+    ca: Path
+    certificate: Path
+    key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, and a certificate it signed for dns.test and 127.0.0.1."""
+    folder = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=tiktokguard test CA", cwd=folder)
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=dns.test", cwd=folder)
+    (folder / "ext.cnf").write_text("subjectAltName=DNS:dns.test,IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf",
+             cwd=folder)
+    return Pki(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+
+
+@dataclass
+class Encrypted:
+    tg: Running
+    dot: int
+    doh: int
+
+
+@pytest.fixture
+async def encrypted(tmp_path: Path, upstream: FakeUpstream, pki: Pki
+                    ) -> AsyncIterator[Encrypted]:
+    dot, doh = free_port(), free_port()
+    extra = (f'[dns]\ntls_listen = ["127.0.0.1:{dot}"]\nhttps_listen = ["127.0.0.1:{doh}"]\n'
+             f'tls_certificate = "{pki.certificate}"\ntls_private_key = "{pki.key}"\n'
+             'tls_name = "dns.test"\ntcp_idle_timeout_ms = 500\n')
+    async with running_daemon(tmp_path, [upstream.address], extra=extra) as tg:
+        yield Encrypted(tg, dot, doh)
+
+
+def blocked(reply: dns.message.Message) -> bool:
+    return any(isinstance(o, dns.edns.EDEOption) and o.code == dns.edns.EDECode.BLOCKED
+               for o in reply.options)
+
+
+async def test_dot_answers_as_udp_does(encrypted: Encrypted, pki: Pki) -> None:
+    for name, source in (("www.a.test", MANAGED), ("www.tiktok.com", MANAGED),
+                         ("www.tiktok.com", UNMANAGED)):
+        query = dns.message.make_query(name, "A", use_edns=0)
+        over_tls = await dns.asyncquery.tls(query, "127.0.0.1", port=encrypted.dot,
+                                            source=source, ssl_context=pki.client_context(),
+                                            server_hostname="dns.test", timeout=5)
+        over_udp = await encrypted.tg.ask(name, source=source)
+        assert over_tls.rcode() == over_udp.rcode()
+        assert [str(r) for r in over_tls.answer] == [str(r) for r in over_udp.answer]
+        assert blocked(over_tls) == blocked(over_udp) == (name == "www.tiktok.com"
+                                                           and source == MANAGED)
+    assert encrypted.tg.metrics.sample("tiktokguard_dns_queries_total", transport="dot",
+                                       decision="blocked") == 1
+
+
+async def doh_get(port: int, pki: Pki, wire: str, **headers: str) -> aiohttp.ClientResponse:
+    async with aiohttp.ClientSession() as http:
+        response = await http.get(f"https://127.0.0.1:{port}/dns-query", params={"dns": wire},
+                                  ssl=pki.client_context(), headers=headers)
+        await response.read()
+        return response
+
+
+async def test_doh_get_and_post(encrypted: Encrypted, pki: Pki) -> None:
+    query = dns.message.make_query("www.tiktok.com", "A", use_edns=0)
+    query.id = 0  # RFC 8484 §4.1: cache-friendly
+    wire = base64.urlsafe_b64encode(query.to_wire()).rstrip(b"=").decode()
+    async with aiohttp.ClientSession() as http:
+        url = f"https://127.0.0.1:{encrypted.doh}/dns-query"
+        async with http.get(url, params={"dns": wire}, ssl=pki.client_context()) as response:
+            assert response.status == 200
+            assert response.content_type == "application/dns-message"
+            reply = dns.message.from_wire(await response.read())
+        assert reply.rcode() == dns.rcode.NXDOMAIN and blocked(reply)  # 127.0.0.1: managed
+        async with http.post(url, data=query.to_wire(), ssl=pki.client_context(),
+                             headers={"Content-Type": "application/dns-message"}) as response:
+            assert response.status == 200
+            assert blocked(dns.message.from_wire(await response.read()))
+        async with http.get(url, params={"dns": "!!!not base64"},
+                            ssl=pki.client_context()) as response:
+            assert response.status == 400
+        async with http.post(url, data=b"x", ssl=pki.client_context(),
+                             headers={"Content-Type": "text/plain"}) as response:
+            assert response.status == 415
+    assert encrypted.tg.metrics.sample("tiktokguard_dns_queries_total", transport="doh",
+                                       decision="blocked") == 2
+
+
+async def test_ddr_names_our_own_encrypted_endpoints(encrypted: Encrypted) -> None:
+    for source in (MANAGED, UNMANAGED):
+        reply = await encrypted.tg.ask("_dns.resolver.arpa", "SVCB", source=source)
+        assert reply.rcode() == dns.rcode.NOERROR
+        records = sorted(str(r) for rrset in reply.answer for r in rrset)
+        assert any("alpn=\"dot\"" in r and f"port=\"{encrypted.dot}\"" in r
+                   and "dns.test." in r for r in records), records
+        assert any("key7" in r or "dohpath" in r for r in records), records
+    nodata = await encrypted.tg.ask("_dns.resolver.arpa", "A")
+    assert nodata.rcode() == dns.rcode.NOERROR and nodata.answer == []
+
+
+async def test_a_client_that_never_finishes_the_handshake_is_dropped(
+        encrypted: Encrypted, pki: Pki) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", encrypted.dot)
+    try:
+        query = dns.message.make_query("www.a.test", "A")
+        started = asyncio.get_running_loop().time()
+        reply = await dns.asyncquery.tls(query, "127.0.0.1", port=encrypted.dot,
+                                         ssl_context=pki.client_context(),
+                                         server_hostname="dns.test", timeout=5)
+        assert reply.rcode() == dns.rcode.NOERROR  # others are served meanwhile
+        assert asyncio.get_running_loop().time() - started < 0.5
+        async with asyncio.timeout(5):  # dropped after the idle timeout (0.5 s here)
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+
+
+def test_a_bad_certificate_is_a_config_error_naming_the_key(tmp_path: Path,
+                                                             pki: Pki) -> None:
+    path = tmp_path / "tg.toml"
+    path.write_text(f'[dns]\nupstreams = ["192.0.2.1"]\ntls_listen = ["127.0.0.1:8853"]\n'
+                    f'tls_certificate = "{pki.ca}"\ntls_private_key = "{pki.key}"\n'
+                    'tls_name = "dns.test"\n')
+    with pytest.raises(ConfigError, match=r"\[dns\] tls_certificate: .*not a usable"):
+        load_config(path)
+    path.write_text(f'[dns]\nupstreams = ["192.0.2.1"]\ntls_listen = ["127.0.0.1:8853"]\n'
+                    f'tls_certificate = "{tmp_path / "none.pem"}"\n'
+                    f'tls_private_key = "{pki.key}"\ntls_name = "dns.test"\n')
+    with pytest.raises(ConfigError, match=r"none\.pem"):
+        load_config(path)
+
+
+async def test_kdig_over_tls(encrypted: Encrypted, pki: Pki) -> None:
+    if shutil.which("kdig") is None:
+        pytest.skip("needs kdig (apt-get install knot-dnsutils)")
+    done = await asyncio.to_thread(
+        subprocess.run, ["kdig", "@127.0.0.1", "-p", str(encrypted.dot), "+tls",
+                         f"+tls-ca={pki.ca}", "+tls-hostname=dns.test", "www.tiktok.com"],
+        capture_output=True, text=True, timeout=20)
+    assert "NXDOMAIN" in done.stdout and "EDE: 15" in done.stdout, done.stdout + done.stderr
