@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import shutil
 import ssl
 import subprocess
@@ -181,3 +182,63 @@ async def test_kdig_over_tls(encrypted: Encrypted, pki: Pki) -> None:
                          f"+tls-ca={pki.ca}", "+tls-hostname=dns.test", "www.tiktok.com"],
         capture_output=True, text=True, timeout=20)
     assert "NXDOMAIN" in done.stdout and "EDE: 15" in done.stdout, done.stdout + done.stderr
+
+
+# -- DoT upstreams ---------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def tls_upstream(pki: Pki) -> AsyncIterator[tuple[int, list[int]]]:
+    """A DoT upstream on loopback answering as tests/fakes.py does; yields its port and the
+    number of queries each connection carried (pipelining reuses one)."""
+    fake = FakeUpstream()
+    connections: list[int] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.certificate, pki.key)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(0)
+        index = len(connections) - 1
+        try:
+            while True:
+                length = int.from_bytes(await reader.readexactly(2), "big")
+                query = await reader.readexactly(length)
+                connections[index] += 1
+                for answer in fake.answer(query, tcp=True):
+                    writer.write(len(answer).to_bytes(2, "big") + answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1], connections
+    finally:
+        server.close()
+
+
+async def test_a_dot_upstream_answers_over_one_reused_connection(
+        tmp_path: Path, pki: Pki) -> None:
+    async with tls_upstream(pki) as (port, connections):
+        extra = f'[dns]\nupstream_tls_ca = "{pki.ca}"\n'
+        async with running_daemon(tmp_path, [f"tls://127.0.0.1:{port}#dns.test"],
+                                  extra=extra) as tg:
+            replies = await asyncio.gather(*(tg.ask(f"n{i}.a.test", source=UNMANAGED)
+                                             for i in range(10)))
+            assert all(r.answer[0][0].address == "192.0.2.1" for r in replies)
+            assert (await tg.ask("www.tiktok.com")).rcode() == dns.rcode.NXDOMAIN  # policy
+        assert sum(connections) == 10 and len(connections) == 1  # pipelined, reused
+
+
+async def test_a_dot_upstream_with_the_wrong_name_is_refused_and_counted(
+        tmp_path: Path, pki: Pki) -> None:
+    async with tls_upstream(pki) as (port, connections):
+        upstream = f"tls://127.0.0.1:{port}#not-the-name.test"
+        extra = f'[dns]\nupstream_tls_ca = "{pki.ca}"\nupstream_timeout_ms = 500\n'
+        async with running_daemon(tmp_path, [upstream], extra=extra) as tg:
+            reply = await tg.ask("www.a.test", source=UNMANAGED)
+            assert reply.rcode() == dns.rcode.SERVFAIL
+            assert tg.metrics.sample("tiktokguard_upstream_errors_total", upstream=upstream,
+                                     kind="tls") == 1
+        assert sum(connections) == 0  # not one query went to it

@@ -39,9 +39,11 @@ class ConfigError(Exception):
 class HostPort:
     host: str
     port: int
+    tls_name: str = ""  # an upstream over TLS (DoT): the name its certificate must show
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"tls://{text}#{self.tls_name}" if self.tls_name else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +111,25 @@ def parse_network(text: Any) -> IPNetwork:
 
 
 HOSTPORT = Value("address IP:PORT or [IPv6]:PORT", parse_hostport)
-UPSTREAM = Value("address IP, IP:PORT or [IPv6]:PORT (port 53 if none)",
-                 lambda v: parse_hostport(v, default_port=53))
+def parse_upstream(value: Any) -> HostPort:
+    """IP[:PORT] (plain DNS, port 53), or tls://IP[:PORT]#NAME (DNS over TLS, port 853; the
+    upstream's certificate must be valid for NAME)."""
+    if isinstance(value, str) and value.strip().lower().startswith("tls://"):
+        address, _, name = value.strip()[6:].partition("#")
+        name = name.strip().rstrip(".")
+        if not name:
+            raise ValueError(f"{value!r}: a TLS upstream needs #NAME, the name its certificate "
+                             "is checked against")
+        try:
+            text_to_wire(name)
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
+        return replace(parse_hostport(address, default_port=853), tls_name=name.lower())
+    return parse_hostport(value, default_port=53)
+
+
+UPSTREAM = Value("address IP, IP:PORT or [IPv6]:PORT (port 53 if none), or "
+                 "tls://IP[:PORT]#NAME (DNS over TLS, port 853)", parse_upstream)
 NETWORK = Value("IP or CIDR", parse_network)
 
 
@@ -407,6 +426,9 @@ class DnsConfig:
         "", PATH, "PEM certificate chain of the encrypted listeners (re-read on SIGHUP).")
     tls_private_key: str = setting(
         "", PATH, "PEM private key of that certificate (re-read on SIGHUP).")
+    upstream_tls_ca: str = setting(
+        "", PATH, "PEM certificate authorities that TLS upstreams' certificates are checked "
+        "against (empty: the system's).")
     tls_name: str = setting(
         "", STRING, "The name the certificate is for, e.g. \"dns.campus.example\": what "
         "Discovery of Designated Resolvers (RFC 9462) tells clients to connect to.")
@@ -732,7 +754,10 @@ def _encrypted(dns: DnsConfig, source: str, base: Path) -> DnsConfig:
         path = Path(text).expanduser()
         return str(path if path.is_absolute() else base / path) if text else ""
     dns = replace(dns, tls_certificate=absolute(dns.tls_certificate),
-                  tls_private_key=absolute(dns.tls_private_key))
+                  tls_private_key=absolute(dns.tls_private_key),
+                  upstream_tls_ca=absolute(dns.upstream_tls_ca))
+    if dns.upstream_tls_ca and not Path(dns.upstream_tls_ca).is_file():
+        raise ConfigError(f"{source}: [dns] upstream_tls_ca: {dns.upstream_tls_ca}: no such file")
     if not dns.tls_listen and not dns.https_listen:
         return dns
     for key in ("tls_certificate", "tls_private_key", "tls_name"):
@@ -832,7 +857,7 @@ def load_config(path: str | Path | None = None, overrides: Overrides | None = No
             "--dns-listen", lambda: tuple(parse_hostport(v) for v in overrides.dns_listen))
     if overrides.upstreams:
         sections["dns"]["upstreams"] = flag(
-            "--upstream", lambda: tuple(parse_hostport(v, 53) for v in overrides.upstreams))
+            "--upstream", lambda: tuple(parse_upstream(v) for v in overrides.upstreams))
     if overrides.http_listen is not None:
         sections["http"]["listen"] = flag("--http-listen",
                                           lambda: _http_listen(overrides.http_listen))

@@ -139,18 +139,19 @@ class DnsCore:
         its upstreams' health, the rate limiter its buckets)."""
         dns, policy = config.dns, config.policy
         was = self.config.dns
-        if old is not None and (dns.upstreams, dns.upstream_timeout_ms) == (
-                was.upstreams, was.upstream_timeout_ms):
+        if old is not None and (dns.upstreams, dns.upstream_timeout_ms, dns.upstream_tls_ca) == (
+                was.upstreams, was.upstream_timeout_ms, was.upstream_tls_ca):
             pool = old.pool
         else:
-            pool = self._make_pool(dns.upstreams, dns.upstream_timeout_ms)
-        if old is not None and (dns.forward, dns.upstream_timeout_ms) == (
-                was.forward, was.upstream_timeout_ms):
+            pool = self._make_pool(dns.upstreams, dns.upstream_timeout_ms, dns.upstream_tls_ca)
+        if old is not None and (dns.forward, dns.upstream_timeout_ms, dns.upstream_tls_ca) == (
+                was.forward, was.upstream_timeout_ms, was.upstream_tls_ca):
             forward = old.forward
         else:
             forward = {}
             for zone in dns.forward:
-                zone_pool = self._make_pool(zone.upstreams, dns.upstream_timeout_ms)
+                zone_pool = self._make_pool(zone.upstreams, dns.upstream_timeout_ms,
+                                            dns.upstream_tls_ca)
                 forward.update((text_to_wire(name), zone_pool) for name in zone.zones)
         if old is not None and (dns.rate_limit_qps, dns.rate_limit_burst) == (
                 was.rate_limit_qps, was.rate_limit_burst):
@@ -169,11 +170,17 @@ class DnsCore:
         return Runtime(engine, blocks, pool, ratelimit, dns.max_ttl, dns.max_negative_ttl, tcp,
                        forward, ddr)
 
-    def _make_pool(self, upstreams: tuple[HostPort, ...], timeout_ms: int) -> UpstreamPool:
+    def _make_pool(self, upstreams: tuple[HostPort, ...], timeout_ms: int,
+                   tls_ca: str) -> UpstreamPool:
         stats = self.metrics.stats
         stats.declare_upstreams(str(u) for u in upstreams)
+        context = None
+        if any(u.tls_name for u in upstreams):
+            # DoT upstreams: their certificates checked against their names, by the system's
+            # authorities or dns.upstream_tls_ca.
+            context = ssl.create_default_context(cafile=tls_ca or None)
         return UpstreamPool(upstreams, timeout_ms / 1000, observe=stats.observe_upstream,
-                            count_error=stats.count_upstream_error)
+                            count_error=stats.count_upstream_error, tls_context=context)
 
     # -- listeners ------------------------------------------------------------------------------
 

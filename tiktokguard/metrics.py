@@ -33,8 +33,8 @@ from tiktokguard.policy.engine import Verdict
 TRANSPORTS = ("udp", "tcp", "dot", "doh")
 # Every value a labelled counter can take is exported from the start at 0, so that the first
 # event shows in increase()/rate() (a series born at its full count shows nothing).
-UPSTREAM_ERROR_KINDS = ("timeout", "unreachable", "tcp", "mismatch", "malformed", "servfail",
-                        "refused")
+UPSTREAM_ERROR_KINDS = ("timeout", "unreachable", "tcp", "tls", "mismatch", "malformed",
+                        "servfail", "refused")
 WEBHOOK_DROP_REASONS = ("queue_full", "unreachable", "http_4xx", "http_5xx")
 MALFORMED_REASONS = ("short", "formerr", "notimp", "badvers")
 NETFILTER_EVENTS = ("added", "refreshed", "expired", "errors", "shadow_resolved",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class Upstream:
     srtt: float = INITIAL_SRTT  # seconds
     probe: asyncio.Task[None] | None = None  # the background probe of a set-aside upstream
     channel: _Channel | None = None
+    tls: _TlsChannel | None = None  # DoT upstreams: the connection in use
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def sample(self, rtt: float) -> None:
@@ -127,6 +129,43 @@ class _Channel(asyncio.DatagramProtocol):
             self.transport.close()
 
 
+class _TlsChannel:
+    """One TLS connection to a DoT upstream (RFC 7858), reused and pipelined: queries go out as
+    they come, answers are matched by ID and question as they arrive (in any order)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, tuple[Callable[[bytes], bool], asyncio.Future[bytes]]] = {}
+        self.closed = False
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        error = UpstreamError("tls", "connection closed")
+        try:
+            while True:
+                length = struct.unpack("!H", await self.reader.readexactly(2))[0]
+                data = await self.reader.readexactly(length)
+                if len(data) < 12:
+                    continue
+                entry = self.pending.get((data[0] << 8) | data[1])
+                if entry is not None and not entry[1].done() and entry[0](data):
+                    entry[1].set_result(data)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            error = UpstreamError("tls", str(exc) or "connection closed")
+        finally:
+            self.closed = True
+            for _accept, future in self.pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            self.writer.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.task.cancel()
+        self.writer.close()
+
+
 @dataclass(slots=True)
 class UpstreamReply:
     wire: bytes
@@ -154,8 +193,10 @@ def _matcher(qid: int, qname: bytes, qtype: int, qclass: int) -> Callable[[bytes
 class UpstreamPool:
     def __init__(self, upstreams: tuple[HostPort, ...], timeout: float,
                  observe: Observer | None = None, count_error: ErrorCounter | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.upstreams = [Upstream(u) for u in upstreams]
+        self.tls_context = tls_context  # for DoT upstreams (certificates checked against NAME)
         self.timeout = timeout
         self._observe = observe or (lambda name, seconds: None)
         self._count_error = count_error or (lambda name, kind: None)
@@ -349,8 +390,11 @@ class UpstreamPool:
 
     async def _exchange(self, upstream: Upstream, qname: bytes, qtype: int, qclass: int,
                         flags: int, do: bool) -> UpstreamReply:
-        data = await self._udp(upstream, qname, qtype, qclass, flags, do)
-        if _HEADER.unpack_from(data)[1] & TC:
+        if upstream.address.tls_name:
+            data = await self._dot(upstream, qname, qtype, qclass, flags, do)
+        else:
+            data = await self._udp(upstream, qname, qtype, qclass, flags, do)
+        if not upstream.address.tls_name and _HEADER.unpack_from(data)[1] & TC:
             # RFC 7766 §5: a truncated UDP answer is retried over TCP (same question, new ID).
             qid = secrets.randbits(16)
             wire = build_query(qid, flags, qname, qtype, qclass, do)
@@ -399,11 +443,55 @@ class UpstreamPool:
         finally:
             channel.finished(qid)
 
+    async def _tls_channel(self, upstream: Upstream) -> _TlsChannel:
+        channel = upstream.tls
+        if channel is not None and not channel.closed:
+            return channel
+        async with upstream.lock:  # one connection, however many queries want one now
+            channel = upstream.tls
+            if channel is not None and not channel.closed:
+                return channel
+            context = self.tls_context or ssl.create_default_context()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    reader, writer = await asyncio.open_connection(
+                        upstream.address.host, upstream.address.port, ssl=context,
+                        server_hostname=upstream.address.tls_name)
+            except TimeoutError:
+                raise UpstreamError("timeout", "tls connect") from None
+            except ssl.SSLError as exc:  # a wrong name or CA: refused, and said
+                raise UpstreamError("tls", exc.reason or str(exc)) from None
+            except OSError as exc:
+                raise UpstreamError("unreachable", str(exc)) from None
+            upstream.tls = channel = _TlsChannel(reader, writer)
+            return channel
+
+    async def _dot(self, upstream: Upstream, qname: bytes, qtype: int, qclass: int,
+                   flags: int, do: bool) -> bytes:
+        channel = await self._tls_channel(upstream)
+        qid = secrets.randbits(16)
+        while qid in channel.pending:
+            qid = secrets.randbits(16)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        channel.pending[qid] = (_matcher(qid, qname, qtype, qclass), future)
+        try:
+            wire = build_query(qid, flags, qname, qtype, qclass, do)
+            channel.writer.write(struct.pack("!H", len(wire)) + wire)
+            async with asyncio.timeout(self.timeout):
+                return await future
+        except TimeoutError:
+            raise UpstreamError("timeout", "tls") from None
+        finally:
+            channel.pending.pop(qid, None)
+
     def close(self) -> None:
         """Close the upstream sockets (once their queries are done) and stop the probes: a pool
         being replaced, or the daemon stopping."""
         self.closed = True
         for upstream in self.upstreams:
+            if upstream.tls is not None:
+                upstream.tls.close()
+                upstream.tls = None
             if upstream.probe is not None:
                 upstream.probe.cancel()
                 upstream.probe = None
