@@ -242,3 +242,35 @@ async def test_a_dot_upstream_with_the_wrong_name_is_refused_and_counted(
             assert tg.metrics.sample("tiktokguard_upstream_errors_total", upstream=upstream,
                                      kind="tls") == 1
         assert sum(connections) == 0  # not one query went to it
+
+
+async def test_a_renewed_certificate_is_used_after_a_reload_without_dropping_connections(
+        tmp_path: Path, upstream: FakeUpstream, pki: Pki) -> None:
+    cert, key = tmp_path / "dns.pem", tmp_path / "dns.key"
+    shutil.copy(pki.certificate, cert)
+    shutil.copy(pki.key, key)
+    dot = free_port()
+    extra = (f'[dns]\ntls_listen = ["127.0.0.1:{dot}"]\ntls_certificate = "{cert}"\n'
+             f'tls_private_key = "{key}"\ntls_name = "dns.test"\n')
+    async with running_daemon(tmp_path, [upstream.address], extra=extra) as tg:
+        async def serial() -> int:
+            _reader, writer = await asyncio.open_connection(
+                "127.0.0.1", dot, ssl=pki.client_context(), server_hostname="dns.test")
+            peer = writer.get_extra_info("ssl_object").getpeercert()
+            writer.close()
+            return int(peer["serialNumber"], 16)
+
+        first = await serial()
+        reader, writer = await asyncio.open_connection(  # a connection that stays open
+            "127.0.0.1", dot, ssl=pki.client_context(), server_hostname="dns.test")
+        # The CA signs a new certificate for the same key; the files are replaced, SIGHUP.
+        _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", "ext.cnf",
+                 cwd=pki.ca.parent)
+        assert await tg.daemon.reload("SIGHUP")
+        assert await serial() != first  # new handshakes: the renewed certificate
+        query = dns.message.make_query("www.a.test", "A").to_wire()
+        writer.write(len(query).to_bytes(2, "big") + query)  # the old connection still works
+        length = int.from_bytes(await reader.readexactly(2), "big")
+        assert dns.message.from_wire(await reader.readexactly(length)).rcode() == 0
+        writer.close()
