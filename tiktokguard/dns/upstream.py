@@ -190,6 +190,20 @@ def _matcher(qid: int, qname: bytes, qtype: int, qclass: int) -> Callable[[bytes
     return accept
 
 
+Pending = dict[int, tuple[Callable[[bytes], bool], asyncio.Future[bytes]]]
+
+
+def _expect(pending: Pending, qname: bytes, qtype: int, qclass: int
+            ) -> tuple[int, asyncio.Future[bytes]]:
+    """A fresh random ID for a question on a channel, and the future its answer will set."""
+    qid = secrets.randbits(16)
+    while qid in pending:
+        qid = secrets.randbits(16)
+    future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    pending[qid] = (_matcher(qid, qname, qtype, qclass), future)
+    return qid, future
+
+
 class UpstreamPool:
     def __init__(self, upstreams: tuple[HostPort, ...], timeout: float,
                  observe: Observer | None = None, count_error: ErrorCounter | None = None,
@@ -428,11 +442,7 @@ class UpstreamPool:
                    flags: int, do: bool) -> bytes:
         channel = await self._channel(upstream)
         channel.uses += 1
-        qid = secrets.randbits(16)
-        while qid in channel.pending:
-            qid = secrets.randbits(16)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        channel.pending[qid] = (_matcher(qid, qname, qtype, qclass), future)
+        qid, future = _expect(channel.pending, qname, qtype, qclass)
         try:
             assert channel.transport is not None
             channel.transport.sendto(build_query(qid, flags, qname, qtype, qclass, do))
@@ -469,11 +479,7 @@ class UpstreamPool:
     async def _dot(self, upstream: Upstream, qname: bytes, qtype: int, qclass: int,
                    flags: int, do: bool) -> bytes:
         channel = await self._tls_channel(upstream)
-        qid = secrets.randbits(16)
-        while qid in channel.pending:
-            qid = secrets.randbits(16)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        channel.pending[qid] = (_matcher(qid, qname, qtype, qclass), future)
+        qid, future = _expect(channel.pending, qname, qtype, qclass)
         try:
             wire = build_query(qid, flags, qname, qtype, qclass, do)
             channel.writer.write(struct.pack("!H", len(wire)) + wire)
