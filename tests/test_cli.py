@@ -298,3 +298,14 @@ async def test_healthz_and_build_info_say_the_version(tmp_path: Path) -> None:
             http.get(f"http://127.0.0.1:{tg.http_port}/healthz") as response:
         assert (await response.json())["version"] == __version__
     assert tg.metrics.sample("tiktokguard_build_info", version=__version__) == 1
+
+
+def test_a_state_folder_it_cannot_use_is_named(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    config = tmp_path / "tg.toml"
+    config.write_text(f'[dns]\nlisten = ["127.0.0.1:{free_port()}"]\nupstreams = ["192.0.2.1"]\n'
+                      f'[http]\nlisten = ""\n[state]\ndir = "{blocker / "state"}"\n')
+    result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert str(blocker) in result.stderr and len(result.stderr.strip().splitlines()) == 1
