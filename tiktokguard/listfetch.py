@@ -85,7 +85,11 @@ class ListFetcher:
                 for source in self._urls():
                     due = self._due(source)
                     if due <= now:
-                        await self.fetch(http, source)
+                        try:
+                            await self.fetch(http, source)
+                        except Exception as exc:  # never a refresher that dies silently
+                            self._failed(source, self.state.setdefault(source.url, _State()),
+                                         f"{type(exc).__name__}: {exc}")
                         due = self._due(source)
                     wait = min(wait, max(1.0, due - self.clock()))
                 with contextlib.suppress(TimeoutError):
