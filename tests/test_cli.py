@@ -309,3 +309,14 @@ def test_a_state_folder_it_cannot_use_is_named(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert str(blocker) in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreadable_database_password_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "tg.toml"
+    config.write_text(f'[dns]\nlisten = ["127.0.0.1:{free_port()}"]\nupstreams = ["192.0.2.1"]\n'
+                      '[http]\nlisten = ""\n[store]\nbackend = "postgres"\n'
+                      'dsn = "host=127.0.0.1 port=9 dbname=x"\n'
+                      f'password_file = "{tmp_path / "missing.password"}"\n')
+    result = run_cli("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "missing.password" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -174,7 +174,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tiktokguard import logs
     from tiktokguard.daemon import Daemon
-    from tiktokguard.devices.store import SchemaTooNew
+    from tiktokguard.devices.store import SchemaTooNew, StoreUnavailable
 
     overrides = Overrides(dns_listen=tuple(args.dns_listen), http_listen=args.http_listen,
                           upstreams=tuple(args.upstream), state_dir=args.state_dir)
@@ -205,7 +205,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"tiktokguard: {message}", file=sys.stderr)
             return EXIT_RETRY
         return _fail(message)
-    except SchemaTooNew as exc:  # one line, and an exit status systemd does not restart
+    except (SchemaTooNew, StoreUnavailable) as exc:
+        # One line, and an exit status systemd does not restart: a newer database, or a
+        # password file that cannot be read (a database that is down does not stop the start).
         return _fail(str(exc))
     except KeyboardInterrupt:
         pass
