@@ -82,6 +82,9 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         response = await _handle(request, handler)
         status = response.status
         return response
+    except web.HTTPException as exc:  # (passed on as it is: a redirect, an empty 4xx)
+        status = exc.status
+        raise
     finally:
         if request.path.startswith("/api/"):
             log.info("api_request", method=request.method, path=request.path,
