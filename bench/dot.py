@@ -93,18 +93,8 @@ forward-zone:
 
 
 def dot(dnsperf: str, server: Server, datafile: Path, seconds: float) -> Result:
-    """run_dnsperf with -m dot: the same parsing, TLS from 10 connections."""
-    import run
-
-    original = run.subprocess.run
-
-    def with_dot(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return original([*cmd, "-m", "dot"], **kwargs)  # type: ignore[call-overload, no-any-return]
-    run.subprocess.run = with_dot  # type: ignore[assignment]
-    try:
-        return run_dnsperf(dnsperf, server, datafile, seconds, 10, None, False, False)
-    finally:
-        run.subprocess.run = original
+    """One dnsperf run over TLS from 10 connections."""
+    return run_dnsperf(dnsperf, server, datafile, seconds, 10, None, False, False, mode="dot")
 
 
 def main() -> None:

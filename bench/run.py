@@ -118,9 +118,9 @@ class Result:
 
 
 def run_dnsperf(dnsperf: str, server: Server, datafile: Path, seconds: float, clients: int,
-                max_qps: int | None, once: bool, latencies: bool) -> Result:
+                max_qps: int | None, once: bool, latencies: bool, mode: str = "udp") -> Result:
     cmd = [dnsperf, "-s", LOCAL, "-p", str(server.port), "-d", str(datafile), "-l", str(seconds),
-           "-c", str(clients), "-q", "500", "-t", "2"]
+           "-c", str(clients), "-q", "500", "-t", "2", "-m", mode]
     if max_qps:
         cmd += ["-Q", str(max_qps)]
     if once:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import subprocess
 import time
@@ -116,8 +117,6 @@ def single_user_sql(server: PgServer, database: str, statement: str) -> None:
     bindir = _bindir()
     assert bindir is not None
     command = [str(bindir / "postgres"), "--single", "-D", str(server.data), database]
-    import os
-
     if os.geteuid() == 0:
         command = ["runuser", "-u", "postgres", "--", *command]
     subprocess.run(command, input=statement + "\n", capture_output=True, text=True, check=True,

@@ -227,9 +227,9 @@ class Daemon:
         await self._load_tokens()
 
     def _store_up(self, up: bool) -> None:
-        """The watcher's word on the shared store (the gauge reads store.up itself)."""
-        if self.notifier is not None:
-            self.notifier.ready(self.status_line())
+        """The watcher's word on the shared store: systemd's STATUS says it (the gauge reads
+        store.up itself)."""
+        self.notifier.ready(self.status_line())
 
     def _configured_tokens(self) -> dict[str, tuple[str, str]]:
         return {n: (t.role, t.sha256) for n, t in self.config.http.tokens.items()}
