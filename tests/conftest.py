@@ -20,7 +20,8 @@ import dns.message
 import dns.rdatatype
 import pytest
 
-from tests.fakes import FakeUpstream, free_port
+from tests import reaper
+from tests.fakes import FakeUpstream, free_port, release_ports
 from tests.pg import SKIP as PG_SKIP
 from tests.pg import PgServer
 from tests.pg import start_server as start_pg
@@ -32,6 +33,19 @@ UNMANAGED = "127.0.1.5"
 OUTSIDER = "127.2.0.1"
 DEVICE_IP = "127.0.0.20"
 RELAY = "127.0.0.53"
+
+reaper.claim()  # before any test module is imported: all they start carries this run's mark
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    reaper.install()  # ends what killed runs left; this run's leftovers are ended at its exit
+
+
+@pytest.fixture(autouse=True)
+def _ports_held_for_the_test() -> Iterator[None]:
+    """free_port() holds each port it hands out until the test ends (tests/fakes.py)."""
+    yield
+    release_ports()
 
 
 @dataclass

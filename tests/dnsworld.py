@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import reaper
 from tests.fakes import free_port
 
 TOOLS = ("nsd", "unbound", "dnssec-keygen", "dnssec-signzone")
@@ -108,11 +109,11 @@ def _sign(folder: Path, zone: str, text: str) -> Path:
     source.write_text(text)
     for flags in (["-f", "KSK"], []):
         subprocess.run([_tool("dnssec-keygen"), "-q", "-K", str(folder), "-a", "ECDSAP256SHA256",
-                        *flags, "-n", "ZONE", zone], check=True, capture_output=True)
+                        *flags, "-n", "ZONE", zone], check=True, capture_output=True, timeout=60)
     signed = folder / f"{zone}.signed"
     subprocess.run([_tool("dnssec-signzone"), "-q", "-S", "-K", str(folder), "-d", str(folder),
                     "-O", "full", "-o", zone, "-f", str(signed), str(source)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, timeout=60)
     return signed
 
 
@@ -201,12 +202,12 @@ remote-control:
 {stubs}""")
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        nsd = subprocess.Popen([_tool("nsd"), "-d", "-c", str(folder / "nsd.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        nsd = reaper.popen([_tool("nsd"), "-d", "-c", str(folder / "nsd.conf")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(nsd)
         _wait_for(nsd_port, b"\x06signed\x04test\x00", nsd, folder / "nsd.log")
-        unbound = subprocess.Popen([_tool("unbound"), "-d", "-c", str(folder / "unbound.conf")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        unbound = reaper.popen([_tool("unbound"), "-d", "-c", str(folder / "unbound.conf")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(unbound)
         _wait_for(unbound_port, b"\x06signed\x04test\x00", unbound, folder / "unbound.log")
         yield World(folder, nsd_port, unbound_port, processes)
@@ -218,4 +219,4 @@ remote-control:
                 process.wait(5)
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.wait()
+                process.wait(5)

@@ -32,22 +32,46 @@ from dataclasses import dataclass, field
 
 from dnslib import AAAA, CNAME, EDNS0, MX, QTYPE, RCODE, RD, RR, SOA, TXT, A, DNSRecord, EDNSOption
 
+_next_port = 10_000 + random.randrange(20_000)  # where this run's search for ports goes on
+_held: list[socket.socket] = []  # the ports handed out and not yet released (see free_port)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP right now, below the kernel's ephemeral range (so the
-    daemon's own upstream sockets cannot take it between this check and the bind)."""
+    """A port for a test's server, free for both UDP and TCP, that cannot collide:
+    - never handed out twice in a run (a counter, not a random draw);
+    - held until the test ends (release_ports(), from an autouse fixture) by a bound TCP socket
+      with SO_REUSEADDR that does not listen: the servers the tests start all bind with
+      SO_REUSEADDR and take the port over it, while another run's probe (below) fails on it;
+    - below the kernel's ephemeral range (32768-60999 on Linux), so no client socket, ours or
+      the daemon's, is given it between this call and the bind."""
+    global _next_port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(200):
-        port = random.randint(10_000, 30_000)
+    for _ in range(2_000):
+        port = _next_port
+        _next_port = 10_000 + (_next_port - 10_000 + 1) % 20_000
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
         try:
-            with socket.socket(family, socket.SOCK_DGRAM) as udp, \
-                    socket.socket(family, socket.SOCK_STREAM) as tcp:
-                udp.bind((host, port))
-                tcp.bind((host, port))
+            udp.bind((host, port))
+            tcp.bind((host, port))  # without SO_REUSEADDR: fails on another run's hold
+            # Set after the bind, so the bind above was exclusive; from now on a server that
+            # binds with SO_REUSEADDR may take the port over this socket (a later bind's check
+            # reads the option as it is then).
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         except OSError:
+            tcp.close()
             continue
+        finally:
+            udp.close()
+        _held.append(tcp)
         return port
-    raise RuntimeError("no free port")
+    raise RuntimeError("no free port in 10000-29999")
+
+
+def release_ports() -> None:
+    """End the holds on the ports handed out so far (their servers are bound by now)."""
+    while _held:
+        _held.pop().close()
 
 
 @dataclass

@@ -13,10 +13,10 @@ import pwd
 import secrets
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests import reaper
 from tests.fakes import free_port
 
 PASSWORD_USER = "tg_password"  # a role that must give a password (scram), over TCP
@@ -132,5 +132,5 @@ class PgServer:
 
 
 def start_server() -> PgServer:
-    root = Path(tempfile.mkdtemp(prefix="tg-pg-"))
+    root = reaper.pg_folder()  # tg-pg-<run>-*: swept if the run is killed (tests/reaper.py)
     return PgServer(root, free_port()).start()

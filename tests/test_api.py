@@ -16,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import DEVICE_IP, Running, running_daemon
+from tests.daemons import communicate
 from tests.fakes import FakeUpstream
 from tiktokguard.api.app import ROUTES
 
@@ -332,7 +333,7 @@ async def run_cli(*args: str, token: str, cwd: Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tiktokguard", "devices", *args, cwd=cwd, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+    out, err = await communicate(proc, what=f"tiktokguard devices {' '.join(args)}")
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 

@@ -10,8 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +19,7 @@ import dns.rcode
 import pytest
 
 from tests.conftest import write_config
+from tests.daemons import serve
 from tests.fakes import FakeUpstream, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,35 +101,6 @@ def test_broken_list_at_start_exits_2_with_file_and_line(tmp_path: Path) -> None
     assert result.returncode == 2 and f"{lists}:2" in result.stderr
 
 
-@asynccontextmanager
-async def serve(*args: str, cwd: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = await asyncio.create_subprocess_exec(*CLI, "serve", "--log-format", "json", *args,
-                                                cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        await wait_for_event(proc, "started")
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-async def wait_for_event(proc: asyncio.subprocess.Process, event: str,
-                         seconds: float = 15) -> dict[str, object]:
-    assert proc.stdout is not None
-    async with asyncio.timeout(seconds):
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                err = await proc.stderr.read() if proc.stderr else b""
-                raise AssertionError(f"daemon exited before {event}: {err.decode()}")
-            record = json.loads(line)
-            if record.get("event") == event:
-                return record
-
-
 def port_free(port: int) -> bool:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
@@ -145,7 +115,7 @@ def port_free(port: int) -> bool:
 @pytest.mark.skipif(not (port_free(5353) and port_free(8053)),
                     reason="127.0.0.1:5353 or :8053 is taken on this machine")
 async def test_serve_with_no_arguments_runs_the_embedded_default(tmp_path: Path) -> None:
-    async with serve(cwd=tmp_path) as proc:
+    async with serve(cwd=tmp_path) as running:
         for tcp in (False, True):
             q = dns.message.make_query("www.tiktok.com", "A", use_edns=0)
             send = dns.asyncquery.tcp if tcp else dns.asyncquery.udp
@@ -159,9 +129,9 @@ async def test_serve_with_no_arguments_runs_the_embedded_default(tmp_path: Path)
                 text = await resp.text()
                 assert 'tiktokguard_dns_queries_total{decision="blocked",transport="udp"} 1.0' \
                     in text
-        proc.send_signal(signal.SIGTERM)
-        await wait_for_event(proc, "stopped")
-        assert await proc.wait() == 0
+        running.proc.send_signal(signal.SIGTERM)
+        await running.event("stopped")
+        assert await running.exited() == 0
 
 
 async def test_sighup_reloads_lists_without_restart(tmp_path: Path) -> None:
@@ -172,24 +142,24 @@ async def test_sighup_reloads_lists_without_restart(tmp_path: Path) -> None:
         port = free_port()
         config = write_config(tmp_path, [upstream.address], port, None,
                               f'[policy]\nblocklists = ["{lists}"]')
-        async with serve("--config", str(config), cwd=tmp_path) as proc:
+        async with serve("--config", str(config), cwd=tmp_path) as running:
             q = dns.message.make_query("www.douyin.com", "A")
             reply = await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
             assert reply.authority[0].name.to_text() == "test."  # forwarded
             lists.write_text("tiktok.com\ndouyin.com\n")
-            proc.send_signal(signal.SIGHUP)
-            record = await wait_for_event(proc, "blocklists_reloaded")
+            running.proc.send_signal(signal.SIGHUP)
+            record = await running.event("blocklists_reloaded")
             assert record["rules"] == 2
             reply = await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
             assert reply.authority[0].name.to_text() == "douyin.com."
             lists.write_text("tiktok.com\n0.0.0.0 a b\n")
-            proc.send_signal(signal.SIGHUP)
-            record = await wait_for_event(proc, "blocklists_reload_failed")
+            running.proc.send_signal(signal.SIGHUP)
+            record = await running.event("blocklists_reload_failed")
             assert f"{lists}:2" in str(record["error"]) and record["kept_rules"] == 2
             reply = await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=3)
             assert reply.authority[0].name.to_text() == "douyin.com."
-            proc.send_signal(signal.SIGTERM)
-            assert await proc.wait() == 0
+            running.proc.send_signal(signal.SIGTERM)
+            assert await running.exited() == 0
     finally:
         upstream.close()
 

@@ -22,6 +22,7 @@ import dns.rdatatype
 import pytest
 
 from tests.conftest import MANAGED, UNMANAGED, Running, running_daemon
+from tests.daemons import within
 from tests.fakes import FakeUpstream, free_port
 from tiktokguard.config import ConfigError, load_config
 
@@ -254,15 +255,17 @@ async def test_a_renewed_certificate_is_used_after_a_reload_without_dropping_con
              f'tls_private_key = "{key}"\ntls_name = "dns.test"\n')
     async with running_daemon(tmp_path, [upstream.address], extra=extra) as tg:
         async def serial() -> int:
-            _reader, writer = await asyncio.open_connection(
-                "127.0.0.1", dot, ssl=pki.client_context(), server_hostname="dns.test")
+            _reader, writer = await within(5, asyncio.open_connection(
+                "127.0.0.1", dot, ssl=pki.client_context(), server_hostname="dns.test"),
+                "a DoT handshake")
             peer = writer.get_extra_info("ssl_object").getpeercert()
             writer.close()
             return int(peer["serialNumber"], 16)
 
         first = await serial()
-        reader, writer = await asyncio.open_connection(  # a connection that stays open
-            "127.0.0.1", dot, ssl=pki.client_context(), server_hostname="dns.test")
+        reader, writer = await within(5, asyncio.open_connection(  # one that stays open
+            "127.0.0.1", dot, ssl=pki.client_context(), server_hostname="dns.test"),
+            "a DoT handshake")
         # The CA signs a new certificate for the same key; the files are replaced, SIGHUP.
         _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                  "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", "ext.cnf",
@@ -271,6 +274,8 @@ async def test_a_renewed_certificate_is_used_after_a_reload_without_dropping_con
         assert await serial() != first  # new handshakes: the renewed certificate
         query = dns.message.make_query("www.a.test", "A").to_wire()
         writer.write(len(query).to_bytes(2, "big") + query)  # the old connection still works
-        length = int.from_bytes(await reader.readexactly(2), "big")
-        assert dns.message.from_wire(await reader.readexactly(length)).rcode() == 0
+        async def answer() -> dns.message.Message:
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            return dns.message.from_wire(await reader.readexactly(length))
+        assert (await within(5, answer(), "an answer on the old connection")).rcode() == 0
         writer.close()

@@ -11,7 +11,6 @@ Needs root, iproute2 and nft (CI has them); skipped with the reason elsewhere.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import reaper
 from tests.netns import (
     ROOT,
     SKIP,
@@ -84,8 +84,7 @@ asyncio.run(main())
 
 @pytest.fixture
 def topology() -> Iterator[dict[str, str]]:
-    tag = os.getpid() % 10000
-    ns = {role: f"tgfw{tag}{role}" for role in ("r", "c", "d", "s")}
+    ns = {role: reaper.namespace(f"fw{role}") for role in ("r", "c", "d", "s")}
     try:
         for name in ns.values():
             ip("netns", "add", name)
@@ -116,7 +115,7 @@ def topology() -> Iterator[dict[str, str]]:
         yield ns
     finally:
         for name in ns.values():
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 def ruleset_for_test() -> str:

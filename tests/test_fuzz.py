@@ -43,6 +43,7 @@ def test_fuzz_target_holds_for_near_valid_messages(kind: int, header: bytes,
 
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
                     reason="atheris is not installed (pip install atheris)")
+@pytest.mark.timeout(150)  # 20 s of fuzzing after atheris instruments the package (~40 s here)
 def test_fuzz_target_holds_under_atheris_for_20_seconds(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(FUZZ), "-max_total_time=20",
                           "-rss_limit_mb=2048", "-print_final_stats=1"],

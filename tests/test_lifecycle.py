@@ -4,11 +4,8 @@ flight. Real processes, real signals, a fake NOTIFY_SOCKET."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,31 +15,11 @@ import dns.message
 import dns.rcode
 
 from tests.conftest import write_config
+from tests.daemons import DaemonProcess, serve, within
 from tests.fakes import FakeUpstream, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-class Daemon:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
-        self.proc = proc
-        self.port = port
-        self.events: list[dict[str, object]] = []
-
-    async def event(self, name: str, seconds: float = 15) -> dict[str, object]:
-        """The next log event called name (events before it are kept in self.events)."""
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(seconds):
-            while True:
-                line = await self.proc.stdout.readline()
-                if not line:
-                    err = await self.proc.stderr.read() if self.proc.stderr else b""
-                    raise AssertionError(f"daemon ended before {name}: {err.decode()}")
-                record = json.loads(line)
-                self.events.append(record)
-                if record.get("event") == name:
-                    return record
-
+class Daemon(DaemonProcess):
     async def ask(self, name: str, tcp: bool = False, seconds: float = 3) -> dns.message.Message:
         q = dns.message.make_query(name, "A")
         send = dns.asyncquery.tcp if tcp else dns.asyncquery.udp
@@ -52,20 +29,12 @@ class Daemon:
 @asynccontextmanager
 async def daemon(tmp_path: Path, upstream: FakeUpstream, extra: str = "",
                  env: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
+    """`tiktokguard serve` in a process of its own (tests/daemons.py), once it has started."""
     port = free_port()
     config = write_config(tmp_path, [upstream.address], port, None, extra)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tiktokguard", "serve", "--config", str(config), "--log-format",
-        "json", cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    running = Daemon(proc, port)
-    try:
-        await running.event("started")
+    async with serve("--config", str(config), cwd=tmp_path, env=env, port=port,
+                     kind=Daemon) as running:
         yield running
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 def soa(reply: dns.message.Message) -> str:
@@ -84,11 +53,14 @@ async def test_sd_notify_ready_watchdog_reloading_stopping(tmp_path: Path,
         async with asyncio.timeout(10):
             return set((await loop.sock_recv(sock, 4096)).decode().splitlines())
 
-    async def until(line: str) -> set[str]:
-        while True:
-            fields = await message()
-            if line in fields:
-                return fields
+    async def until(line: str, seconds: float = 10) -> set[str]:
+        """The next message holding line; the watchdog's keep coming, so the bound is on the
+        whole wait, not on each message."""
+        async def wait() -> set[str]:
+            while line not in (fields := await message()):
+                pass
+            return fields
+        return await within(seconds, wait(), f"sd_notify {line}")
 
     try:
         env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}
@@ -103,7 +75,7 @@ async def test_sd_notify_ready_watchdog_reloading_stopping(tmp_path: Path,
             await until("READY=1")
             running.proc.send_signal(signal.SIGTERM)
             await until("STOPPING=1")
-            assert await running.proc.wait() == 0
+            assert await running.exited() == 0
     finally:
         sock.close()
 
@@ -114,7 +86,7 @@ async def test_without_notify_socket_nothing_breaks(tmp_path: Path,
     async with daemon(tmp_path, upstream, env=env) as running:
         assert (await running.ask("a.test")).answer
         running.proc.send_signal(signal.SIGTERM)
-        assert await running.proc.wait() == 0
+        assert await running.exited() == 0
 
 
 async def test_sighup_under_load_drops_no_query(tmp_path: Path, upstream: FakeUpstream) -> None:
@@ -149,7 +121,7 @@ async def test_sighup_under_load_drops_no_query(tmp_path: Path, upstream: FakeUp
         assert reloaded.is_set()
         assert soa(await running.ask("www.douyin.com")) == "douyin.com."
         running.proc.send_signal(signal.SIGTERM)
-        assert await running.proc.wait() == 0
+        assert await running.exited() == 0
 
 
 async def test_sighup_rereads_config_and_names_what_needs_a_restart(
@@ -173,7 +145,7 @@ async def test_sighup_rereads_config_and_names_what_needs_a_restart(
         assert "[dns] listen" in str(failed["error"])
         assert (await running.ask("www.tiktok.com")).rcode() == dns.rcode.REFUSED
         running.proc.send_signal(signal.SIGTERM)
-        assert await running.proc.wait() == 0
+        assert await running.exited() == 0
 
 
 async def test_sigterm_answers_queries_in_flight(tmp_path: Path, upstream: FakeUpstream) -> None:
@@ -193,6 +165,6 @@ async def test_sigterm_answers_queries_in_flight(tmp_path: Path, upstream: FakeU
         # ...but every query in flight is answered before the daemon exits.
         replies = await asyncio.gather(*pending)
         assert all(r.answer[0][0].address == "192.0.2.1" for r in replies)
-        assert await running.proc.wait() == 0
+        assert await running.exited() == 0
         (outcome,) = await asyncio.gather(late, return_exceptions=True)
         assert isinstance(outcome, Exception)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,9 @@ from typing import Any
 
 import pytest
 
+from tests import reaper
 from tests.conftest import UNMANAGED, Running, running_daemon
+from tests.daemons import within
 from tests.fakes import FakeUpstream
 from tests.netns import (
     ENV,
@@ -82,7 +83,8 @@ async def with_recorder(tmp_path: Path, upstream: FakeUpstream, recorder: Record
     async with running_daemon(tmp_path, [upstream.address], extra=config,
                               prepare=use_recorder, **options) as tg:
         assert tg.daemon.core.backstop is not None
-        await tg.daemon.core.backstop.started.wait()  # the sets checked, exemptions written
+        # the sets checked, the exemptions written
+        await within(10, tg.daemon.core.backstop.started.wait(), "the backstop's start")
         yield tg
 
 
@@ -190,13 +192,13 @@ async def test_shadow_resolution_is_rate_limited(tmp_path: Path, upstream: FakeU
 def netns() -> Iterator[str]:
     if SKIP:
         pytest.skip(SKIP)
-    name = f"tgnf{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    name = reaper.namespace("nf")
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
     try:
         yield name
     finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 QUERY = """
@@ -249,7 +251,7 @@ async def test_nftables_set_holds_learned_addresses_with_timeouts(netns: str,
     listing = json.loads((await asyncio.to_thread(
         subprocess.run,
         ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "tiktokguard"],
-        capture_output=True, text=True, check=True)).stdout)
+        capture_output=True, text=True, check=True, timeout=30)).stdout)
     sets = {item["set"]["name"]: item["set"] for item in listing["nftables"] if "set" in item}
     (v4,) = sets["tiktok_v4"]["elem"]
     (v6,) = sets["tiktok_v6"]["elem"]
@@ -264,7 +266,7 @@ async def test_ipset_holds_learned_addresses_with_timeouts(netns: str, tmp_path:
                                    ("tiktok_v6", "2001:db8::66", 86400)):
         listing = (await asyncio.to_thread(
             subprocess.run, ["ip", "netns", "exec", netns, "ipset", "list", name],
-            capture_output=True, text=True, check=True)).stdout
+            capture_output=True, text=True, check=True, timeout=30)).stdout
         entry = next(line for line in listing.splitlines() if line.startswith(address))
         assert 0 < int(entry.split("timeout")[1]) <= timeout
 
@@ -336,7 +338,7 @@ def kernel_exemptions(netns: str, backend: str) -> set[str]:
     if backend == "nftables":
         listing = json.loads(subprocess.run(
             ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "tiktokguard"],
-            capture_output=True, text=True, check=True).stdout)
+            capture_output=True, text=True, check=True, timeout=30).stdout)
         for item in listing["nftables"]:
             if "set" in item and item["set"]["name"].startswith("exempt_"):
                 for elem in item["set"].get("elem", []):
@@ -345,7 +347,7 @@ def kernel_exemptions(netns: str, backend: str) -> set[str]:
         return found
     for name in ("exempt_v4", "exempt_v6"):
         listing = subprocess.run(["ip", "netns", "exec", netns, "ipset", "list", name],
-                                 capture_output=True, text=True, check=True).stdout
+                                 capture_output=True, text=True, check=True, timeout=30).stdout
         found.update(listing.split("Members:\n", 1)[1].split())
     return found
 
@@ -449,10 +451,10 @@ sets.add([("10.0.0.1", 900)], [], {"10.0.0.1"})  # a refresh: deleted and added 
 def test_nftables_writes_thousands_of_addresses(netns: str) -> None:
     # One netlink attribute holds at most 64 KiB: big writes go in batches.
     subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", WRITE_MANY], cwd=ROOT,
-                   env=ENV, check=True)
+                   env=ENV, check=True, timeout=30)
     listing = json.loads(subprocess.run(
         ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "tiktokguard"],
-        capture_output=True, text=True, check=True).stdout)
+        capture_output=True, text=True, check=True, timeout=30).stdout)
     sets = {item["set"]["name"]: item["set"] for item in listing["nftables"] if "set" in item}
     assert len(sets["tiktok_v4"]["elem"]) == 3000 and len(sets["tiktok_v6"]["elem"]) == 3000
     refreshed = next(e["elem"] for e in sets["tiktok_v4"]["elem"]
@@ -522,7 +524,7 @@ async def test_a_name_blocked_as_the_daemon_starts_is_learned(netns: str, tmp_pa
     listing = json.loads((await asyncio.to_thread(
         subprocess.run,
         ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "tiktokguard"],
-        capture_output=True, text=True, check=True)).stdout)
+        capture_output=True, text=True, check=True, timeout=30)).stdout)
     sets = {item["set"]["name"]: item["set"] for item in listing["nftables"] if "set" in item}
     assert [e["elem"]["val"] for e in sets["tiktok_v4"]["elem"]] == ["192.0.2.66"]
 
@@ -562,7 +564,7 @@ async def test_readyz_waits_for_the_backstop_and_names_it(tmp_path: Path,
             gate.set()
         backstop = tg.daemon.core.backstop
         assert backstop is not None
-        await backstop.started.wait()
+        await within(10, backstop.started.wait(), "the backstop's start")
         async with http.get(url) as response:
             body = await response.json()
             assert response.status == 200, body

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import reaper
 from tests.conftest import DEVICE_IP, Running
 from tests.netns import SKIP, admin_token, devices_in, ip, process_in, python_in
 
@@ -83,7 +84,7 @@ def namespaces() -> Iterator[tuple[str, str]]:
     if SKIP:
         pytest.skip(SKIP)
     tag = str(os.getpid())[-5:]
-    srv, cli = f"tgsrv{tag}", f"tgcli{tag}"
+    srv, cli = reaper.namespace("srv"), reaper.namespace("cli")
     ip("netns", "add", srv)
     ip("netns", "add", cli)
     try:
@@ -101,8 +102,8 @@ def namespaces() -> Iterator[tuple[str, str]]:
         ip("-n", cli, "link", "set", "lo", "up")
         yield srv, cli
     finally:
-        subprocess.run(["ip", "netns", "del", srv], capture_output=True)
-        subprocess.run(["ip", "netns", "del", cli], capture_output=True)
+        subprocess.run(["ip", "netns", "del", srv], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", cli], capture_output=True, timeout=30)
 
 
 QUERY = """

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
+from tests import reaper
 from tests.conftest import MANAGED, Running, running_daemon
 from tests.fakes import FakeUpstream, free_port
 
@@ -66,7 +67,7 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
                                 "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}],
         }))
         log = (tmp_path / "prometheus.log").open("wb")
-        processes.append(subprocess.Popen(
+        processes.append(reaper.popen(
             ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
             stdout=log, stderr=log))
@@ -79,6 +80,7 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait(5)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from tests.conftest import (
     queries,
     running_daemon,
 )
+from tests.daemons import within
 from tests.fakes import FakeUpstream, free_port
 from tiktokguard.dns.upstream import CHANNEL_USES
 from tiktokguard.dns.wire import EDNS_OPTION_MAC
@@ -492,9 +493,12 @@ def frame(message: dns.message.Message) -> bytes:
     return struct.pack("!H", len(wire)) + wire
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dns.message.Message:
-    length = struct.unpack("!H", await reader.readexactly(2))[0]
-    return dns.message.from_wire(await reader.readexactly(length))
+async def read_frame(reader: asyncio.StreamReader, seconds: float = 3) -> dns.message.Message:
+    async def read() -> dns.message.Message:
+        length = struct.unpack("!H", await reader.readexactly(2))[0]
+        return dns.message.from_wire(await reader.readexactly(length))
+
+    return await within(seconds, read(), "a TCP answer")
 
 
 async def test_tcp_pipelined_queries_answered_on_one_connection(tg: Running) -> None:

@@ -224,10 +224,12 @@ async def test_migrate_copies_a_single_box_into_the_shared_store(
                       f'dsn = "{dsn}"\ninstance = "old-box"\n')
     argv = [sys.executable, "-m", "tiktokguard", "migrate", "--from-sqlite",
             str(tmp_path / "state"), "--config", str(config)]
-    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True)
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
+                                   timeout=60)
     assert done.returncode == 0, done.stderr
     assert "1 devices" in done.stdout and "1 audit" in done.stdout
-    again = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True)
+    again = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
+                                    timeout=60)
     assert again.returncode == 2 and "already holds" in again.stderr  # never duplicated
     async with running_daemon(tmp_path / "state", [upstream.address], extra=TOKENS, http=True,
                               store_dsn=dsn) as tg, aiohttp.ClientSession() as session:

@@ -85,7 +85,7 @@ async def test_two_processes_stay_consistent(tmp_path: Path, upstream: FakeUpstr
         assert after == before  # nothing asked in between: the dead worker's counts are kept
         assert set(await many(running.port, "x.tiktok.com", "127.0.0.5", 40)) == {"tiktok.com."}
         running.proc.send_signal(signal.SIGTERM)
-        assert await running.proc.wait() == 0
+        assert await running.exited() == 0
 
 
 def children(parent: int) -> list[int]:
