@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -112,14 +113,19 @@ def end(which: Callable[[str], bool]) -> list[str]:
                     os.killpg(group, signal.SIGKILL)
                     ended.append(f"process group {group}")
         _groups.clear()
+    killed: set[int] = set()
     for _ in range(5):  # a process may fork while its run is ended: look again
-        found = [(pid, run) for pid, run in _marked() if which(run)]
+        found = [(pid, run) for pid, run in _marked() if which(run) and pid not in killed]
         if not found:
             break
         for pid, run in found:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
                 ended.append(f"process {pid} of run {run}")
+        deadline = time.monotonic() + 2  # until they are gone (a zombie has no environ)
+        while time.monotonic() < deadline and any(pid in killed for pid, _ in _marked()):
+            time.sleep(0.05)
     if shutil.which("ip") is not None and os.geteuid() == 0:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
