@@ -50,7 +50,7 @@ BASE = [
     ("www.plain.test", "A"), ("c.plain.test", "A"), ("big.plain.test", "TXT"),
     ("nx.plain.test", "AAAA"),
 ]
-# (name, type, class): refused by both, never forwarded (DESIGN §5).
+# (name, type, class): refused by both, never forwarded (docs/design.md §5).
 SPECIAL = [
     ("version.bind", "TXT", "CH"), ("hostname.bind", "TXT", "CH"), ("id.server", "TXT", "CH"),
     ("signed.test", "SOA", "HS"), ("signed.test", "AXFR", "IN"), ("signed.test", "IXFR", "IN"),
@@ -207,7 +207,7 @@ async def test_answers_equal_to_validating_unbound(world: Any, tmp_path: Path) -
 
 # ISC's EDNS compliance probes (genreport), each against tiktokguard forwarding to the world's
 # unbound, for the SOA of the signed zone. RD=1 throughout: tiktokguard is a recursive service
-# (RD=0 is refused by design, DESIGN §5).
+# (RD=0 is refused by design, docs/design.md §5).
 COOKIE = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, bytes(range(8)))
 PROBES: dict[str, tuple[dict[str, Any], bool]] = {
     # name: (make_query arguments, over TCP)

@@ -81,6 +81,22 @@ def test_docs_never_point_outside_the_repository() -> None:
         assert "shared/" not in doc.read_text(), doc.name
 
 
+def test_the_code_cites_design_sections_that_exist() -> None:
+    """`docs/design.md §N` in a comment or docstring names a section of docs/design.md, and the
+    code cites no design outside the repository."""
+    sections = set(re.findall(r"(?m)^## §(\d+) ", (ROOT / "docs/design.md").read_text()))
+    wrong = []
+    for source in sorted((ROOT / "tiktokguard").rglob("*.py")) + sorted(
+            (ROOT / "tests").glob("*.py")):
+        text = source.read_text()
+        for number in re.findall(r"docs/design\.md §(\d+)", text):
+            if number not in sections:
+                wrong.append(f"{source.relative_to(ROOT)}: §{number}")
+        if re.search(r"\bDESIGN(\.md)? §", text):
+            wrong.append(f"{source.relative_to(ROOT)}: cites DESIGN, not docs/design.md")
+    assert sections and wrong == []
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_configuration_examples_in_the_docs_load(doc: Path, tmp_path: Path) -> None:
     for block in re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S):

@@ -1,5 +1,6 @@
-"""The forwarder's stance (DESIGN §5), one regression test per defect found by the differential
-evaluation (issue 11, items 1-9), over real sockets against the in-process fake upstream."""
+"""The forwarder's stance (docs/design.md §5), one regression test per defect found by the
+differential evaluation (issue 11, items 1-9), over real sockets against the in-process fake
+upstream."""
 
 from __future__ import annotations
 

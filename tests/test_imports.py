@@ -1,6 +1,7 @@
-"""The import graph (DESIGN §4): no cycles, at module or package level, and the data path (dns,
-policy) uses only config, metrics, logs and the dependency-free dnsname. Read from the source
-with ast: imports under `if TYPE_CHECKING:` are for the type checker and do not count."""
+"""The import graph (docs/design.md §4): no cycles, at module or package level, and the data
+path (dns, policy) uses only config, metrics, logs and the dependency-free dnsname. Read from
+the source with ast: imports under `if TYPE_CHECKING:` are for the type checker and do not
+count."""
 
 from __future__ import annotations
 

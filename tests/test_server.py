@@ -114,7 +114,7 @@ async def test_unmanaged_client_is_not_filtered(tg: Running, upstream: FakeUpstr
     await tg.ask("www.tiktok.com", source=UNMANAGED)
     assert upstream.count("www.tiktok.com") == 1
     # Both count as `unmanaged`: the first led to a listed name through its CNAME, and the
-    # decision says so (DESIGN §1: "served but unmanaged | TikTok names | counted unmanaged").
+    # decision says so (docs/design.md §1: any other served client is counted `unmanaged`).
     assert queries(tg, "unmanaged", "udp") == 2
     assert queries(tg, "allowed", "udp") == 0
 
@@ -455,7 +455,7 @@ async def test_other_opcodes_get_notimp(tg: Running, opcode: int) -> None:
     rid, flags, qdcount = struct.unpack_from("!HHH", reply)
     assert rid == q.id and flags & 0xF == dns.rcode.NOTIMP and flags & 0x8000
     assert (flags >> 11) & 0xF == opcode  # the opcode echoed (RFC 1035 §4.1.1)
-    # The question and the OPT stay in the error answer (RFC 6891 §7, DESIGN §5).
+    # The question and the OPT stay in the error answer (RFC 6891 §7, docs/design.md §5).
     assert qdcount == 1 and reply[12:12 + len(wire) - 12 - 11] == wire[12:len(wire) - 11]
     assert struct.unpack_from("!H", reply, 10)[0] == 1
 

@@ -1,4 +1,4 @@
-"""Command line (DESIGN §3): `tiktokguard serve`, `tiktokguard check`, `tiktokguard devices`.
+"""Command line (docs/design.md §3): `tiktokguard serve`, `check`, `devices` and the rest.
 
 Exit status: 0 success (for `check`: the name would be resolved), 1 `check` says blocked or
 refused, 2 bad usage or configuration (nothing was bound).

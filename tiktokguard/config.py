@@ -1,4 +1,6 @@
-"""Configuration: TOML (DESIGN §3) into validated, frozen dataclasses. Every key has a default.
+"""Configuration: TOML (docs/design.md §3) into validated, frozen dataclasses.
+
+Every key has a default.
 
 Parsing is separate from behaviour: `load_config` turns a file plus CLI overrides into a `Config`
 or raises `ConfigError` with one message naming the key and the file, before anything is bound.

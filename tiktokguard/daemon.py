@@ -278,7 +278,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             if self.token_file is not None:
-                # Printed once, on the start that created it (DESIGN §3 embedded default).
+                # Printed once, on the start that created it (docs/design.md §3 embedded default).
                 print(f"tiktokguard: admin API token written to {self.token_file}",
                       file=sys.stderr)
                 log.info("admin_token_created", path=str(self.token_file))

@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN §3, on a registry of their own (one per daemon).
+"""Prometheus metrics of docs/design.md §3, on a registry of their own (one per daemon).
 
 Label sets are bounded: transports, decisions, list rules, upstream addresses and error kinds,
 never client addresses or query names.

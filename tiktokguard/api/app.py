@@ -1,4 +1,5 @@
-"""HTTP API (aiohttp): health, metrics, devices, audit, incidents, decisions, reload (DESIGN §3).
+"""HTTP API (aiohttp, docs/design.md §3): health, metrics, devices, audit, incidents, decisions,
+reload.
 
 Errors are JSON `{"error", "field"}`: 400 bad input, 401 no or unknown token, 403 wrong role,
 404, 409 (address or MAC on another active device). Bad input never yields a 500.

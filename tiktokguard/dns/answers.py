@@ -1,4 +1,4 @@
-"""Block answers (DESIGN §2 `policy.block_mode`) and the finishing touches of forwarded answers.
+"""Block answers (docs/design.md §2, `policy.block_mode`); finishing touches of forwarded answers.
 
 No I/O. Block answers are built from the query's own bytes plus a few fixed pieces; nothing is
 parsed or packed by a general-purpose library on this path.

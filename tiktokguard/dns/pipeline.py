@@ -6,7 +6,7 @@
   answered FORMERR/NOTIMP/BADVERS (or dropped, when it is not a query at all) and counted.
 - **rate limit** (UDP, when `dns.rate_limit_qps` is set): a client over its budget gets
   REFUSED, or TC=1 every second time (dns/ratelimit.py); before anything else costs work.
-- **serve at all?**: what a forwarder does not pass on, whoever asks (DESIGN §5): RD=0 (no
+- **serve at all?**: what a forwarder does not pass on, whoever asks (docs/design.md §5): RD=0 (no
   cache snooping), zone transfers, classes other than IN (CH `version.bind` would reveal the
   upstream's version). REFUSED.
 - **decide**: the client is classified before the list is consulted (the same name is blocked
@@ -223,7 +223,7 @@ class Pipeline:
                            client_ip, mac, transport, now, started)
 
     def _mac(self, query: Query, client_ip: str) -> str | None:
-        # A MAC from EDNS is believed only from a configured relay (DESIGN §1): anyone else
+        # A MAC from EDNS is believed only from a configured relay (docs/design.md §1): anyone else
         # could claim a social media device's MAC.
         if query.mac is not None and self.runtime.engine.classifier.trusts_mac_from(client_ip):
             return mac_to_text(query.mac)
@@ -293,7 +293,7 @@ class Pipeline:
             rt = self.runtime  # (the one in force now that the answer is here)
             wire, index = strip_opt(reply.wire, reply.index)
             try:
-                # CNAME inspection (DESIGN §2) reads every owner and CNAME/DNAME target.
+                # CNAME inspection (docs/design.md §2) reads every owner and CNAME/DNAME target.
                 chain_rule = (rt.engine.chain_rule(chain_names(wire, index))
                               if index.other_names else None)
             except ValueError:

@@ -1,4 +1,4 @@
-"""Per-client rate limiting (DESIGN §5 `dns.rate_limit_qps`): a token bucket per client
+"""Per-client rate limiting (docs/design.md §3 `dns.rate_limit_qps`): a token bucket per client
 address, IPv6 clients per /56 (one household or one host's privacy addresses share it). Pure: no
 I/O, time passed in.
 

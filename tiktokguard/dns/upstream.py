@@ -340,7 +340,7 @@ class UpstreamPool:
             self._observe(upstream.name, now - started)
             return True, ""  # validation failed: another validating upstream would agree
         if rcode in (SERVFAIL, REFUSED):
-            # This upstream could not answer; another may (failover on SERVFAIL, DESIGN §3).
+            # This upstream could not answer; another may (failover on SERVFAIL, docs/design.md §3).
             # Not usable, so no latency sample (a refusing upstream is fast) and a bad mark in
             # the `up` gauge's window. REFUSED is the upstream's own doing (its ACL), so it is
             # no longer preferred; a SERVFAIL may be the name's.

@@ -528,7 +528,7 @@ def read_name(wire: bytes, pos: int) -> tuple[bytes, int]:
 
 def chain_names(wire: bytes, index: RecordIndex) -> list[bytes]:
     """Every name the answer section leads to (lower-cased wire form): the owner of each
-    record and the target of each CNAME and DNAME. What CNAME inspection (DESIGN §2) checks
+    record and the target of each CNAME and DNAME. What CNAME inspection (docs/design.md §2) checks
     against the lists. Raises ValueError for a name that cannot be read."""
     names: list[bytes] = []
     pos = index.question_end

@@ -1,6 +1,6 @@
 """Who is asking: the client ACL, managed networks and allowlisted social media devices.
 
-DESIGN §1: a client outside `dns.allow_clients` is refused; an active, unexpired allowlisted
+docs/design.md §1: a client outside `dns.allow_clients` is refused; an active, unexpired allowlisted
 social media device is exempt; a client in `policy.managed_networks` is subject to the policy;
 everyone else we serve (BYOD, guest Wi-Fi) is outside the policy and resolved unfiltered.
 """

@@ -1,10 +1,10 @@
 """Domain lists: parse list files and match query names against them by suffix.
 
-A list entry `tiktok.com` blocks `tiktok.com` and every name below it (DESIGN §2). An exception
-(`@@||cdn.tiktok.com^` in a list, or `policy.exceptions`) allows a name and those below it even
-under a blocked suffix: the most specific entry wins. Matching works on the lower-cased wire form
-of the query name, so a look-up costs one dict probe per label and no decoding; names keep their
-punycode form exactly as they travel.
+A list entry `tiktok.com` blocks `tiktok.com` and every name below it (docs/design.md §2).
+An exception (`@@||cdn.tiktok.com^` in a list, or `policy.exceptions`) allows a name and those
+below it even under a blocked suffix: the most specific entry wins. Matching works on the
+lower-cased wire form of the query name, so a look-up costs one dict probe per label and no
+decoding; names keep their punycode form exactly as they travel.
 
 How strictly a list is read depends on where it comes from (`ListSource.mode`):
 - "strict", the bundled curated lists: every line must be a plain entry.

@@ -1,6 +1,6 @@
 """The policy decision: who asks (client class) and what is asked (list match) → Decision.
 
-Pure: no I/O, time passed in. The table is DESIGN §1; the university's TikTok policy
+Pure: no I/O, time passed in. The table is docs/design.md §1; the university's TikTok policy
 (docs/policy.md) decides it: "The use of TikTok on a device provided by the university ... is
 prohibited", including "the web version"; a social media device is the one exception; privately
 owned devices "may be used as individuals see fit".
@@ -31,7 +31,7 @@ class Verdict:
     MALFORMED = "malformed"
 
 
-# DESIGN §2 bypass countermeasures, by exact name: what each is answered with, and why.
+# docs/design.md §2 bypass countermeasures, by exact name: what each is answered with, and why.
 COUNTERMEASURES: dict[str, tuple[int, str]] = {
     # Mozilla's canary domain: NXDOMAIN turns off Firefox's automatic DNS over HTTPS.
     "use-application-dns.net": (NXDOMAIN, "Firefox DoH canary"),
@@ -154,7 +154,7 @@ class PolicyEngine:
         return decision
 
     def chain_rule(self, names: list[bytes]) -> str | None:
-        """CNAME inspection (DESIGN §2): the rule that blocks any of the names an upstream
+        """CNAME inspection (docs/design.md §2): the rule that blocks any of the names an upstream
         answer leads to (owners, CNAME and DNAME targets; lower-cased wire form)."""
         match = self.matcher.match
         for name in names:
