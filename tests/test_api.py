@@ -351,7 +351,8 @@ async def test_devices_cli(api: Api, tmp_path: Path) -> None:
     assert not await blocked(api.tg)
     code, out, _ = await run_cli(*base, "list", token=VIEWER, cwd=tmp_path)
     assert code == 0 and device["id"] in out and "Phone 7" in out
-    assert out.splitlines()[0].split()[:3] == ["id", "name", "active"]
+    assert out.splitlines()[0].split()[:3] == ["id", "name", "state"]
+    assert "  active  " in out.splitlines()[1]
     code, out, _ = await run_cli(*base, "update", device["id"], "--custodian", "Kim",
                                  token=ADMIN, cwd=tmp_path)
     assert code == 0

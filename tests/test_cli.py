@@ -220,7 +220,11 @@ async def test_tokens_audit_and_incidents_commands_with_config_and_token_file(
         created = await cli("tokens", "--config", str(config), "create", "jane.doe",
                             "--role", "admin")
         assert created.returncode == 0, created.stderr
-        token = created.stdout.split()[0]
+        # The token alone on stdout (for `TOKEN=$(tiktokguard tokens create ...)`), the note
+        # on stderr.
+        token = created.stdout.strip()
+        assert len(created.stdout.splitlines()) == 1 and " " not in token, created.stdout
+        assert "shown once" in created.stderr
         token_file = tmp_path / "jane.token"
         token_file.write_text(token + "\n")
         api = f"http://127.0.0.1:{http_port}"
@@ -236,6 +240,60 @@ async def test_tokens_audit_and_incidents_commands_with_config_and_token_file(
         assert incidents.returncode == 0 and json.loads(incidents.stdout) == []
         missing = await cli("audit", "--api", api, "--token-file", str(tmp_path / "none"))
         assert missing.returncode == 2 and str(tmp_path / "none") in missing.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["devices", "--config", "c.toml", "--api", "http://h:1", "--json", "list", "--all"],
+    ["devices", "list", "--config", "c.toml", "--api", "http://h:1", "--json", "--all"],
+    ["devices", "--config", "c.toml", "list", "--api", "http://h:1", "--json", "--all"],
+], ids=["before", "after", "both"])
+def test_shared_options_before_or_after_the_action(argv: list[str]) -> None:
+    from tiktokguard.cli import _parser
+
+    args = _parser().parse_args(argv)
+    assert (args.config, args.api, args.json, args.all, args.token_file) == \
+        ("c.toml", "http://h:1", True, True, None)
+
+
+def test_shared_options_after_every_action() -> None:
+    from tiktokguard.cli import _parser
+
+    tail = ["--config", "c.toml", "--token-file", "t", "--json"]
+    for argv in (["devices", "show", "d1"], ["devices", "add", "--name", "n"],
+                 ["devices", "update", "d1"], ["devices", "deactivate", "d1"],
+                 ["tokens", "create", "jane", "--role", "viewer"], ["tokens", "list"],
+                 ["tokens", "revoke", "jane"], ["audit"], ["incidents"]):
+        args = _parser().parse_args(argv + tail)
+        assert (args.config, args.token_file, args.json) == ("c.toml", "t", True), argv
+    # Absent everywhere: the defaults the commands read.
+    args = _parser().parse_args(["devices", "list"])
+    assert (args.config, args.api, args.token_file, args.json) == (None, None, None, False)
+
+
+def test_devices_list_states_a_device_as_the_page_does() -> None:
+    """An active device past its expires_at is filtered again: `expired`, not `active`."""
+    from tiktokguard.devices.cli import _table
+
+    rows = [{"id": "a", "name": "live", "active": True, "expired": False},
+            {"id": "b", "name": "old", "active": True, "expired": True},
+            {"id": "c", "name": "gone", "active": False, "expired": True}]
+    lines = _table(rows).splitlines()
+    assert lines[0].split()[2] == "state"
+    assert [line.split()[2] for line in lines[1:]] == ["active", "expired", "deactivated"]
+
+
+def test_a_closed_pipe_ends_the_command_quietly() -> None:
+    """`tiktokguard check NAME | head -0`: the reader is gone before the first write."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([*CLI, "check", "--without-devices", "www.tiktok.com"],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=30,
+                                cwd=ROOT)
+    finally:
+        os.close(write)
+    assert result.returncode == 128 + signal.SIGPIPE
+    assert result.stderr == ""
 
 
 def test_version() -> None:

@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import errno
 import ipaddress
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +25,8 @@ from tiktokguard.policy.engine import Verdict
 
 EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
 EXIT_RETRY = 1  # serve: worth trying again (systemd restarts it)
+# What a shell reports for a command ended by SIGPIPE (`cmd | head -1`), as cat or grep end.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 # Every exit status, by command (docs/reference.md is generated from this).
 EXIT_CODES: tuple[tuple[str, int, str], ...] = (
     ("serve", EXIT_OK, "stopped by SIGTERM or SIGINT, queries in flight answered"),
@@ -41,6 +45,8 @@ EXIT_CODES: tuple[tuple[str, int, str], ...] = (
     ("migrate", EXIT_OK, "every row copied"),
     ("migrate", EXIT_USAGE, "bad usage or configuration, the database unreachable, or the "
                             "target not empty: nothing was copied"),
+    ("every command but serve", EXIT_BROKEN_PIPE,
+     "its output's reader went away (`| head -1`): it ended quietly, as other Unix tools do"),
 )
 
 
@@ -250,11 +256,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
-    if args.command == "migrate":
-        return cmd_migrate(args)
-    if args.command in devices_cli.COMMANDS:
-        return devices_cli.run(args)
-    return cmd_check(args)
+    try:
+        if args.command == "migrate":
+            code = cmd_migrate(args)
+        elif args.command in devices_cli.COMMANDS:
+            code = devices_cli.run(args)
+        else:
+            code = cmd_check(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`tiktokguard devices list | head -1`): end quietly, as other
+        # Unix tools do. stdout goes to /dev/null so that the flush at exit does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 if __name__ == "__main__":

@@ -25,21 +25,33 @@ from tiktokguard import rfc3339
 
 DEFAULT_API = "http://127.0.0.1:8053"
 TOKEN_ENV = "TIKTOKGUARD_TOKEN"
-TABLE_COLUMNS = ("id", "name", "active", "addresses", "macs", "custodian", "supervisor",
+TABLE_COLUMNS = ("id", "name", "state", "addresses", "macs", "custodian", "supervisor",
                  "ticket", "expires_at")
 COMMANDS = ("devices", "tokens", "audit", "incidents")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api", default=None,
+def _common(parser: argparse.ArgumentParser, again: bool = False) -> None:
+    """The options every API command shares. again: on an action's own parser, so that they
+    may come after the action too (`devices list --config F`); their defaults there are
+    suppressed, or an action would overwrite what was given before it."""
+    default: Any = argparse.SUPPRESS if again else None
+    parser.add_argument("--api", default=default,
                         help=f"API base URL (default: $TIKTOKGUARD_API, --config's http.listen, "
                              f"or {DEFAULT_API})")
-    parser.add_argument("--token-file", metavar="FILE",
+    parser.add_argument("--token-file", metavar="FILE", default=default,
                         help=f"a file holding the API token (default: ${TOKEN_ENV}, or the "
                              "admin token in the state folder)")
-    parser.add_argument("--config", help="the daemon's TOML config: its API address and "
-                                         "state folder")
-    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    parser.add_argument("--config", default=default,
+                        help="the daemon's TOML config: its API address and state folder")
+    parser.add_argument("--json", action="store_true",
+                        default=argparse.SUPPRESS if again else False,
+                        help="print JSON (for scripts)")
+
+
+def _action(actions: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = actions.add_parser(name, **kwargs)
+    _common(parser, again=True)
+    return parser
 
 
 def add_parser(sub: Any) -> None:
@@ -58,12 +70,12 @@ def add_parser(sub: Any) -> None:
     incidents.add_argument("--since", type=_time_arg, help="RFC 3339 time: opened at or after")
     incidents.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     actions = devices.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="list devices")
+    listing = _action(actions, "list", help="list devices")
     listing.add_argument("--all", action="store_true", help="include deactivated devices")
-    show = actions.add_parser("show", help="one device and its audit trail")
+    show = _action(actions, "show", help="one device and its audit trail")
     show.add_argument("id")
     for name in ("add", "update"):
-        parser = actions.add_parser(name, help=f"{name} a device")
+        parser = _action(actions, name, help=f"{name} a device")
         if name == "update":
             parser.add_argument("id")
         parser.add_argument("--name")
@@ -80,7 +92,7 @@ def add_parser(sub: Any) -> None:
         if name == "update":
             parser.add_argument("--activate", action="store_true",
                                 help="reactivate a deactivated device")
-    deactivate = actions.add_parser("deactivate", help="deactivate a device (history stays)")
+    deactivate = _action(actions, "deactivate", help="deactivate a device (history stays)")
     deactivate.add_argument("id")
 
 
@@ -88,11 +100,11 @@ def _add_tokens(sub: Any) -> None:
     tokens = sub.add_parser("tokens", help="personal API tokens (admin; HTTP API)")
     _common(tokens)
     actions = tokens.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="create a token (printed once)")
+    create = _action(actions, "create", help="create a token (printed once)")
     create.add_argument("name", help="the person (the `actor` of what they change)")
     create.add_argument("--role", choices=("admin", "viewer"), required=True)
-    actions.add_parser("list", help="list tokens (never the tokens themselves)")
-    revoke = actions.add_parser("revoke", help="revoke a personal token")
+    _action(actions, "list", help="list tokens (never the tokens themselves)")
+    revoke = _action(actions, "revoke", help="revoke a personal token")
     revoke.add_argument("name")
 
 
@@ -173,13 +185,21 @@ def printable(text: str) -> str:
                    else f"\\u{ord(ch):04x}" for ch in text)
 
 
+def state(device: dict[str, Any]) -> str:
+    """What the page shows: deactivated, expired (active but past expires_at: filtered again),
+    or active. The API's `expired` is computed at the time of the request."""
+    if not device.get("active"):
+        return "deactivated"
+    return "expired" if device.get("expired") else "active"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    return _rows(rows, TABLE_COLUMNS)
+    return _rows([{**row, "state": state(row)} for row in rows], TABLE_COLUMNS)
 
 
 def _details(device: dict[str, Any], audit: list[dict[str, Any]]) -> str:
     lines = [f"{key:11} {printable(', '.join(v) if isinstance(v, list) else str(v))}"
-             for key, v in device.items()]
+             for key, v in {"state": state(device), **device}.items()]
     lines.append("")
     lines.append("audit:")
     for entry in audit:
@@ -276,8 +296,9 @@ def run(args: argparse.Namespace) -> int:
                            "instance")))
     elif args.command == "tokens":
         if args.action == "create":
-            print(f"{data['token']}\n(token {data['name']!r}, role {data['role']}: shown once, "
-                  "keep it safe; only its SHA-256 is kept)")
+            print(data["token"])
+            print(f"(token {data['name']!r}, role {data['role']}: shown once, keep it safe; "
+                  "only its SHA-256 is kept)", file=sys.stderr)
         elif args.action == "list":
             print(_rows(data, ("name", "role", "source", "created_at")))
         else:
