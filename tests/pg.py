@@ -1,5 +1,6 @@
 """A PostgreSQL server for the tests, started by them: Debian's `postgresql` binaries, a data
-directory of its own in a temporary folder, listening on 127.0.0.1 and a unix socket there.
+directory of its own in a temporary folder, listening on 127.0.0.1 and a unix socket there
+(and on 127.0.0.2, a name its certificate does not carry). TLS is offered when openssl is there.
 Elsewhere `SKIP` says why, and the PostgreSQL tests are skipped with that reason.
 
 Each test gets a database of its own (`PgServer.database()`), created from template0.
@@ -66,6 +67,37 @@ class PgServer:
     def data(self) -> Path:
         return self.root / "data"
 
+    @property
+    def ca(self) -> Path | None:
+        """The CA that signed the server's certificate (for 127.0.0.1 and localhost); None
+        without openssl, and then the server speaks no TLS."""
+        path = self.root / "tls" / "ca.pem"
+        return path if path.exists() else None
+
+    def _make_certificate(self) -> None:
+        """A CA of the run's own and a server certificate it signed; TLS is offered beside
+        plain TCP (pg_hba's `host` lines accept both)."""
+        if shutil.which("openssl") is None:
+            return
+        tls = self.root / "tls"
+        tls.mkdir()
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=tls, check=True, capture_output=True,
+                           timeout=60)
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+                "-subj", "/CN=tiktokguard test database CA")
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+        (tls / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+        os.chmod(tls / "server.key", 0o600)
+        if os.geteuid() == 0:
+            for path in (tls, tls / "server.key", tls / "server.pem"):
+                shutil.chown(path, "postgres")
+
     def _run(self, *argv: str) -> subprocess.CompletedProcess[str]:
         command = list(argv)
         if os.geteuid() == 0:  # the server refuses to run as root
@@ -79,6 +111,7 @@ class PgServer:
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres")
             shutil.chown(self.socket_dir, "postgres")
+        self._make_certificate()
         self._run(str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
                   "--no-sync", "-E", "UTF8", "--locale=C")
         with open(self.data / "pg_hba.conf", "w") as hba:
@@ -93,9 +126,13 @@ class PgServer:
     def resume(self) -> None:
         bindir = _bindir()
         assert bindir is not None
-        options = (f"-k {self.socket_dir} -p {self.port} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                   "-c max_connections=200")
+        options = (f"-k {self.socket_dir} -p {self.port} "
+                   "-c listen_addresses=127.0.0.1,127.0.0.2 -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        if self.ca is not None:
+            tls = self.root / "tls"
+            options += (f" -c ssl=on -c ssl_cert_file={tls / 'server.pem'}"
+                        f" -c ssl_key_file={tls / 'server.key'}")
         self._run(str(bindir / "pg_ctl"), "-D", str(self.data), "-o", options,
                   "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
 

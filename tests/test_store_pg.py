@@ -183,6 +183,42 @@ async def test_a_restart_while_the_database_is_down_keeps_the_devices(
         pg_server.resume()
 
 
+async def test_a_database_down_at_start_is_logged_once_with_its_cause(
+        tmp_path: Path, upstream: FakeUpstream) -> None:
+    """The start says it (cause, devices known); the watcher's retries say nothing more until
+    the store comes back, and the incidents waiting for it do not add their own line."""
+    from structlog.testing import capture_logs
+
+    pytest.importorskip("asyncpg")
+    accepted = 0
+    third = asyncio.Event()
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        if accepted >= 3:
+            third.set()
+        writer.close()  # a "database" that drops every connection
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dsn = f"host=127.0.0.1 port={port} dbname=x user=y"
+    try:
+        with capture_logs() as logs:
+            async with running_daemon(tmp_path, [upstream.address], store_dsn=dsn) as tg:
+                assert await blocked(tg, "127.0.0.5")  # DNS goes on; an incident waits
+                # The start's attempt, the watcher's first, and its retry after the back-off:
+                # the first two have been handled (and logged, or not) by then.
+                await asyncio.wait_for(third.wait(), 10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    down = [e for e in logs if e["event"] == "store_unavailable"]
+    assert len(down) == 1, down
+    assert "database unreachable: " in down[0]["error"] and down[0]["devices"]
+    assert not [e for e in logs if e["event"] == "incident_flush_failed"]
+
+
 async def test_two_instances_starting_together_make_one_schema(pg_server: PgServer) -> None:
     from tiktokguard.devices.pgstore import MIGRATIONS, PostgresStore
 
@@ -210,27 +246,75 @@ async def test_the_password_comes_from_a_file_never_the_dsn(
     await store.close()
 
 
+async def test_the_servers_certificate_is_checked_against_sslrootcert(
+        tmp_path: Path, pg_server: PgServer) -> None:
+    """sslmode=verify-full with the CA in the DSN, as the operations guide has it: TLS to the
+    server, its certificate chained to that CA and naming the host; another CA is refused."""
+    import ssl
+
+    from tiktokguard.config import dsn_arguments
+    from tiktokguard.devices.pgstore import PostgresStore
+    from tiktokguard.devices.store import StoreUnavailable
+
+    if pg_server.ca is None:
+        pytest.skip("the test server has no certificate (needs openssl)")
+    dsn = pg_server.database()
+    store = await PostgresStore.open(f"{dsn} sslmode=verify-full sslrootcert={pg_server.ca}",
+                                     None, "x")
+    assert await store.load_devices() == []
+    assert store.pool is not None
+    async with store.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    await store.close()
+    # The wrong name (verify-full checks it) and a CA that did not sign the certificate.
+    other = tmp_path / "other-ca.pem"
+    await asyncio.to_thread(
+        subprocess.run, ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                         "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(tmp_path / "k"),
+                         "-out", str(other), "-days", "1", "-subj", "/CN=other"],
+        check=True, capture_output=True, timeout=60)
+    for bad in (f"{dsn} sslmode=verify-full sslrootcert={other}",
+                f"{dsn.replace('127.0.0.1', '127.0.0.2')} sslmode=verify-full "
+                f"sslrootcert={pg_server.ca}"):
+        with pytest.raises(StoreUnavailable, match="certificate"):
+            await PostgresStore.open(bad, None, "x")
+    # Checked when the config is read: a missing file, or a mode that would not use it.
+    with pytest.raises(ValueError, match="sslrootcert /nonexistent"):
+        dsn_arguments("host=h sslmode=verify-full sslrootcert=/nonexistent")
+    with pytest.raises(ValueError, match="needs sslmode=verify-full"):
+        dsn_arguments(f"host=h sslmode=require sslrootcert={pg_server.ca}")
+    context = dsn_arguments(f"host=h sslmode=verify-ca sslrootcert={pg_server.ca}")["ssl"]
+    assert isinstance(context, ssl.SSLContext) and not context.check_hostname
+
+
 async def test_migrate_copies_a_single_box_into_the_shared_store(
         tmp_path: Path, upstream: FakeUpstream, pg_server: PgServer) -> None:
     import sys
 
-    async with running_daemon(tmp_path, [upstream.address], extra=TOKENS,
-                              http=True) as tg, aiohttp.ClientSession() as session:
-        status, _device = await Api(tg, session).call("POST", "/api/v1/devices", json=PHONE)
-        assert status == 201
+    from tiktokguard.daemon import in_use
+
     dsn = pg_server.database()
     config = tmp_path / "shared.toml"
     config.write_text(f'[dns]\nupstreams = ["192.0.2.1"]\n[store]\nbackend = "postgres"\n'
                       f'dsn = "{dsn}"\ninstance = "old-box"\n')
     argv = [sys.executable, "-m", "tiktokguard", "migrate", "--from-sqlite",
             str(tmp_path / "state"), "--config", str(config)]
-    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
-                                   timeout=60)
+    async with running_daemon(tmp_path, [upstream.address], extra=TOKENS,
+                              http=True) as tg, aiohttp.ClientSession() as session:
+        status, _device = await Api(tg, session).call("POST", "/api/v1/devices", json=PHONE)
+        assert status == 201
+        # Copied while the single box still runs: it is done, with a warning.
+        assert in_use(tmp_path / "state")
+        done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
+                                       timeout=60)
     assert done.returncode == 0, done.stderr
     assert "1 devices" in done.stdout and "1 audit" in done.stdout
+    assert "warning: a running tiktokguard uses" in done.stderr
+    assert not in_use(tmp_path / "state")  # let go when the daemon stops
     again = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
                                     timeout=60)
     assert again.returncode == 2 and "already holds" in again.stderr  # never duplicated
+    assert "warning" not in again.stderr
     async with running_daemon(tmp_path / "state", [upstream.address], extra=TOKENS, http=True,
                               store_dsn=dsn) as tg, aiohttp.ClientSession() as session:
         assert not await blocked(tg, DEVICE_IP)

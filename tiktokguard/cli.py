@@ -223,7 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tiktokguard.daemon import DB_FILE
+    from tiktokguard.daemon import DB_FILE, in_use
     from tiktokguard.devices.store import StoreUnavailable
 
     try:
@@ -234,6 +234,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return _fail(f"{config.source}: [store] backend: migrate copies into \"postgres\"")
     from tiktokguard.devices.migrate import MigrateError, copy_sqlite
     from tiktokguard.devices.pgstore import PostgresStore, read_password
+
+    if in_use(Path(args.from_sqlite)):
+        print(f"tiktokguard: warning: a running tiktokguard uses {args.from_sqlite}: this "
+              "copies its state as it is now, and what it changes afterwards stays behind. "
+              "Stop it first (systemctl stop tiktokguard), then migrate.", file=sys.stderr)
 
     async def run() -> dict[str, int]:
         store = await PostgresStore.open(config.store.dsn,

@@ -557,13 +557,16 @@ class StateConfig:
 
 
 DSN_KEYS = {"host": "host", "port": "port", "dbname": "database", "user": "user",
-            "sslmode": "ssl", "application_name": "server_settings"}
+            "sslmode": "ssl", "sslrootcert": "ssl", "application_name": "server_settings"}
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 def dsn_arguments(text: str) -> dict[str, Any]:
     """asyncpg's connect() arguments for a libpq DSN: a postgresql:// URI as it is, or
-    key=value pairs (host, port, dbname, user, sslmode, application_name). ValueError."""
+    key=value pairs (host, port, dbname, user, sslmode, sslrootcert, application_name).
+    sslrootcert is the server's CA, as in libpq; without it, verify-ca and verify-full look in
+    $PGSSLROOTCERT, then ~/.postgresql/root.crt (which a service with no home does not have).
+    ValueError."""
     if re.match(r"^postgres(ql)?://", text):
         if re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", text):
             raise ValueError("the DSN must not hold the password: use password_file or "
@@ -587,13 +590,31 @@ def dsn_arguments(text: str) -> dict[str, Any]:
             if value not in SSL_MODES:
                 raise ValueError(f"sslmode: expected one of {', '.join(SSL_MODES)}")
             out["ssl"] = value
+        elif key == "sslrootcert":
+            out["sslrootcert"] = value
         elif key == "application_name":
             out["server_settings"] = {"application_name": value}
         else:
             out[DSN_KEYS[key]] = value
     if re.sub(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "", text).strip():
         raise ValueError(f"{text!r} is not a DSN (key=value pairs, or a postgresql:// URI)")
+    if "sslrootcert" in out:
+        out["ssl"] = _server_ca_context(out.pop("sslrootcert"), out.get("ssl"))
     return out
+
+
+def _server_ca_context(cafile: str, mode: str | None) -> ssl.SSLContext:
+    """The TLS context that checks the database server against cafile: its certificate must
+    chain to it, and with verify-full also name the host (libpq's sslrootcert)."""
+    if mode not in ("verify-ca", "verify-full"):
+        raise ValueError("sslrootcert needs sslmode=verify-full (or verify-ca): otherwise the "
+                         "server's certificate would not be checked against it")
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"sslrootcert {cafile}: {exc.strerror or exc}") from None
+    context.check_hostname = mode == "verify-full"
+    return context
 
 
 def _dsn(value: Any) -> str:

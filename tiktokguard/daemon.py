@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import signal
 import sys
 import time
@@ -47,6 +49,9 @@ DRAIN_SECONDS = 5.0
 EXPIRY_CHECK_SECONDS = 60.0
 UPSTREAM_READY_WINDOW = 30.0
 DB_FILE = "tiktokguard.sqlite3"
+# Held (shared) by every daemon on the state folder while it runs, so that `migrate` can tell
+# that the database it copies is still being written.
+IN_USE_FILE = "serve.lock"
 SNAPSHOT_FILE = "devices.snapshot.json"  # a shared store's devices as last known
 DEGRADED = "degraded"  # a component's state that starts so: ready, but not whole
 # The signals the daemon acts on (docs/reference.md is generated from this).
@@ -60,6 +65,29 @@ SIGNALS: dict[str, str] = {
 log = get_logger()
 
 __all__ = ["Daemon", "build_engine"]
+
+
+def hold_in_use(state_dir: Path) -> int:
+    """A shared flock on the state folder's IN_USE_FILE, held until the descriptor is closed
+    (the kernel lets go of it however the process ends)."""
+    fd = os.open(state_dir / IN_USE_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def in_use(state_dir: Path) -> bool:
+    """Whether a running daemon holds state_dir (its IN_USE_FILE)."""
+    try:
+        fd = os.open(state_dir / IN_USE_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # never served, or by a version before the file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class Daemon:
@@ -132,6 +160,8 @@ class Daemon:
         store, snapshot = await self._open_store(state_dir)
         self.store = store
         stack.push_async_callback(store.close)
+        if isinstance(store, SqliteStore):
+            stack.callback(os.close, hold_in_use(state_dir))
         self.devices_service = DeviceService(
             store, self.devices, clock=lambda: datetime.fromtimestamp(self.clock(), UTC),
             snapshot=snapshot, served=lambda: self.config.dns.allow_clients)
@@ -143,8 +173,10 @@ class Daemon:
             await self.devices_service.load()
         except StoreUnavailable as exc:
             # DNS decides from the devices as last known; the watcher reconnects and reloads.
+            # Logged once, here, with its cause; the watcher logs only what comes after.
             known = await self.devices_service.load_snapshot()
-            log.error("store_unavailable", instance=store.instance, error=str(exc),
+            log.error("store_unavailable", instance=store.instance,
+                      error=getattr(store, "unavailable", None) or str(exc),
                       devices="the local snapshot" if known else "none known yet")
         await self._load_tokens()
         self.incidents.store = store
@@ -208,8 +240,9 @@ class Daemon:
         password = read_password(config.password_file)
         try:
             pg = await PostgresStore.open(config.dsn, password, config.instance)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             pg = PostgresStore(config.dsn, password, config.instance)  # the watcher connects
+            pg.unavailable = str(exc)  # why, for the one line the start logs
         return pg, state_dir / SNAPSHOT_FILE
 
     async def _store_changed(self, what: str) -> None:

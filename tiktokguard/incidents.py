@@ -30,7 +30,7 @@ import dnslib
 
 from tiktokguard import rfc3339
 from tiktokguard.config import IncidentsConfig
-from tiktokguard.devices.store import Store
+from tiktokguard.devices.store import Store, StoreUnavailable
 from tiktokguard.dns.wire import Query
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
@@ -288,7 +288,9 @@ class IncidentAggregator:
                         next_prune = loop.time() + PRUNE_SECONDS
                     failing = None
                 except Exception as exc:  # a full disk must not stop DNS; say so and go on
-                    if str(exc) != failing:  # once per cause, not every second (retried)
+                    # Once per cause, not every second (retried). A shared store that is down
+                    # has said so itself (store_unavailable), and these wait for it.
+                    if str(exc) != failing and not isinstance(exc, StoreUnavailable):
                         log.error("incident_flush_failed", error=str(exc))
                     failing = str(exc)
         finally:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from tiktokguard.api.auth import TOKEN_FILE
 from tiktokguard.cli import EXIT_CODES
 from tiktokguard.config import declarations
-from tiktokguard.daemon import DB_FILE, SIGNALS
+from tiktokguard.daemon import DB_FILE, IN_USE_FILE, SIGNALS
 from tiktokguard.logs import EVENTS
 from tiktokguard.metrics import Metrics
 
@@ -126,6 +126,8 @@ def process_section() -> Iterator[str]:
            "incidents, the generated token's hash; mode 0600 |")
     yield (f"| `<state.dir>/{TOKEN_FILE}` | the admin token generated at the first start "
            "without configured tokens; mode 0600 |")
+    yield (f"| `<state.dir>/{IN_USE_FILE}` | empty; locked (flock, shared) while a daemon uses "
+           "the SQLite state, so that `migrate --from-sqlite` can warn that it still runs |")
     yield ("| list files (`policy.blocklists`, `policy.doh_lists`) | re-read when they change "
            "(checked every 5 s), on SIGHUP and on `POST /api/v1/reload` |")
     yield ""

@@ -132,6 +132,9 @@ class PostgresStore:
         self.instance = instance
         self.pool: asyncpg.Pool | None = None
         self.up = False
+        # Why the start could not connect (the daemon logs it); the watcher then does not log
+        # its own first failure again.
+        self.unavailable: str | None = None
 
     @classmethod
     async def open(cls, dsn: str, password: str | None, instance: str) -> PostgresStore:
@@ -380,7 +383,7 @@ class PostgresStore:
                     elif not done:
                         await conn.execute("SELECT 1", timeout=CONNECT_TIMEOUT)  # still there?
             except Exception as exc:  # whatever it was, DNS goes on: say so, reconnect
-                if self.up or first:
+                if self.up or (first and self.unavailable is None):
                     log.error("store_unavailable", instance=self.instance, error=_why(exc),
                               retry_seconds=delay)
                 first = False
