@@ -81,6 +81,19 @@ def test_docs_never_point_outside_the_repository() -> None:
         assert "shared/" not in doc.read_text(), doc.name
 
 
+def test_the_readme_installs_the_system_packages_ci_installs() -> None:
+    """The README's list of what the skipped tests need is the one .ci/run installs."""
+    def packages(text: str) -> set[str]:
+        joined = text.replace("\\\n", " ")  # shell line continuations
+        line = re.search(r"apt-get install -y\S* .*--no-install-recommends(.*)", joined)
+        assert line is not None
+        return set(line.group(1).split()) - {">/dev/null", "-qq"}
+
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci/run").read_text()
+    assert packages(readme) == packages(ci)
+    assert "npm install --no-save axe-core@4" in readme and "axe-core@4" in ci
+
+
 def test_the_code_cites_design_sections_that_exist() -> None:
     """`docs/design.md §N` in a comment or docstring names a section of docs/design.md, and the
     code cites no design outside the repository."""
