@@ -118,6 +118,7 @@ class ListServer:
     body: str = THIRD_PARTY
     version: int = 1
     requests: list[tuple[str | None, int]] = field(default_factory=list)  # (If-None-Match, status)
+    moved_to: str = "/list.txt"  # where /moved.txt redirects
     port: int = 0
     runner: web.AppRunner | None = None
 
@@ -134,9 +135,13 @@ class ListServer:
             return web.Response(status=304, headers={"ETag": etag})
         return web.Response(text=self.body, headers={"ETag": etag})
 
+    async def moved(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": self.moved_to})
+
     async def start(self) -> ListServer:
         app = web.Application()
         app.router.add_get("/list.txt", self.handle)
+        app.router.add_get("/moved.txt", self.moved)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         self.port = self.port or free_port()
@@ -234,6 +239,48 @@ async def test_an_error_page_never_replaces_a_good_copy(
         assert not await tg.daemon.lists.fetch_all()
         assert list_server.url in tg.daemon.lists.errors()
         assert blocked(await tg.ask("www.listed-one.example"))
+
+
+@pytest.mark.parametrize(("source", "target", "why"), [
+    ("https://lists.example/a.txt", "https://lists.example/b.txt", None),
+    ("http://127.0.0.1:8000/a.txt", "https://127.0.0.1/a.txt", None),  # up to TLS: fine
+    ("https://lists.example/a.txt", "http://lists.example/a.txt", "from https:// to clear"),
+    ("https://lists.example/a.txt", "https://cdn.example/a.txt", "another host"),
+    ("https://lists.example/a.txt", "https://LISTS.example/b.txt", None),
+    ("https://lists.example/a.txt", "https://lists.example:8443/a.txt", "another port"),
+    ("https://lists.example/a.txt", "ftp://lists.example/a.txt", "not an http(s) URL"),
+])
+def test_a_lists_redirect_stays_with_its_origin(source: str, target: str,
+                                                why: str | None) -> None:
+    import yarl
+
+    from tiktokguard.listfetch import redirect_refused
+
+    refused = redirect_refused(yarl.URL(source), yarl.URL(target))
+    assert (refused is None) if why is None else (refused is not None and why in refused)
+
+
+async def test_a_redirect_to_another_host_is_refused_and_the_copy_kept(
+        tmp_path: Path, upstream: FakeUpstream, list_server: ListServer) -> None:
+    """The list's URL redirects: within its origin it is followed; to another host (here
+    localhost for 127.0.0.1, where the same list would be served) it is refused, counted and
+    logged, and the copy in force stays."""
+    from structlog.testing import capture_logs
+
+    url = list_server.url.replace("/list.txt", "/moved.txt")  # → /list.txt, the same origin
+    async with running_daemon(tmp_path, [upstream.address], extra=url_config(url),
+                              http=True) as tg:
+        assert blocked(await tg.ask("www.listed-one.example"))
+        list_server.body, list_server.version = "||listed-two.example^\n", 2
+        list_server.moved_to = list_server.url.replace("127.0.0.1", "localhost")
+        with capture_logs() as logs:
+            assert not await tg.daemon.lists.fetch_all()
+        assert blocked(await tg.ask("www.listed-one.example"))  # the copy in force
+        assert not blocked(await tg.ask("www.listed-two.example"))
+        (failed,) = [e for e in logs if e["event"] == "blocklist_fetch_failed"]
+        assert "refused: another host" in failed["error"] and failed["list"] == url
+        assert tg.metrics.sample("tiktokguard_blocklist_fetch_errors_total", list=url) == 1
+        assert "refused" in tg.daemon.lists.errors()[url]
 
 
 def test_a_url_list_is_due_at_its_refresh_and_retried_sooner_after_a_failure(

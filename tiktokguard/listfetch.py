@@ -5,7 +5,8 @@ Each URL list has two files under `<state dir>/lists/`: its copy (`<hash>.txt`, 
 loader reads, see config.url_list) and its metadata (`<hash>.json`: ETag, Last-Modified, when it
 was fetched and checked). A fetch that fails, or whose body is not a usable list (too large, not
 UTF-8, no entries at all: an HTML error page), keeps the copy in force; it is logged when the
-state changes, counted, and shown by /readyz.
+state changes, counted, and shown by /readyz. So does a redirect away from the list's origin
+(`redirect_refused`): to clear text, or to another host.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yarl
 
 from tiktokguard.logs import get_logger
 from tiktokguard.metrics import Metrics
@@ -29,6 +31,8 @@ from tiktokguard.policy.domains import ListSource, parse_list
 MAX_LIST_BYTES = 64 * 1024 * 1024
 FETCH_TIMEOUT = 30.0
 RETRY_SECONDS = 300.0  # after a failure, tried again this soon (or at the refresh, if sooner)
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
 log = get_logger("tiktokguard.lists")
 
 
@@ -124,15 +128,27 @@ class ListFetcher:
             if meta.get("last_modified"):
                 headers["If-Modified-Since"] = meta["last_modified"]
         try:
-            async with http.get(source.url, headers=headers) as response:
-                if response.status == 304:
-                    body = None
-                elif response.status == 200:
-                    body = await _read_capped(response)
-                else:
-                    raise ListFetchError(f"HTTP {response.status}")
-                etag = response.headers.get("ETag")
-                last_modified = response.headers.get("Last-Modified")
+            url = yarl.URL(source.url)
+            for _hop in range(MAX_REDIRECTS + 1):
+                async with http.get(url, headers=headers, allow_redirects=False) as response:
+                    if response.status in REDIRECTS and "Location" in response.headers:
+                        target = url.join(yarl.URL(response.headers["Location"]))
+                        refused = redirect_refused(url, target)
+                        if refused is not None:
+                            raise ListFetchError(f"redirect to {target} refused: {refused}")
+                        url = target
+                        continue
+                    if response.status == 304:
+                        body = None
+                    elif response.status == 200:
+                        body = await _read_capped(response)
+                    else:
+                        raise ListFetchError(f"HTTP {response.status}")
+                    etag = response.headers.get("ETag")
+                    last_modified = response.headers.get("Last-Modified")
+                    break
+            else:
+                raise ListFetchError(f"more than {MAX_REDIRECTS} redirects")
             if body is not None:
                 await asyncio.to_thread(_store, source, body)
         except (ListFetchError, aiohttp.ClientError, TimeoutError, OSError,
@@ -163,6 +179,21 @@ class ListFetcher:
 
 class ListFetchError(Exception):
     pass
+
+
+def redirect_refused(current: yarl.URL, target: yarl.URL) -> str | None:
+    """Why a list's redirect is not followed, or None. Only within the same origin (scheme,
+    host, port), or from http:// up to https:// on the same host: a list asked for over TLS
+    never arrives in the clear, nor from a host the admin did not name."""
+    if target.scheme not in ("http", "https"):
+        return "not an http(s) URL"
+    if (target.host or "").lower() != (current.host or "").lower():
+        return f"another host than {current.host}"
+    if current.scheme == "https" and target.scheme != "https":
+        return "from https:// to clear text"
+    if target.scheme == current.scheme and target.port != current.port:
+        return "another port"
+    return None
 
 
 def _describe(exc: BaseException) -> str:
