@@ -30,7 +30,22 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from dnslib import AAAA, CNAME, EDNS0, MX, QTYPE, RCODE, RD, RR, SOA, TXT, A, DNSRecord, EDNSOption
+from dnslib import (
+    AAAA,
+    CNAME,
+    EDNS0,
+    MX,
+    QTYPE,
+    RCODE,
+    RD,
+    RR,
+    RRSIG,
+    SOA,
+    TXT,
+    A,
+    DNSRecord,
+    EDNSOption,
+)
 
 _next_port = 10_000 + random.randrange(20_000)  # where this run's search for ports goes on
 _held: list[socket.socket] = []  # the ports handed out and not yet released (see free_port)
@@ -188,6 +203,15 @@ class FakeUpstream:
                 reply.add_auth(soa)
         elif name == "nodata.test":
             reply.add_auth(soa)
+        elif name in ("longneg.test", "signed-longneg.test"):
+            # A negative answer whose SOA asks to be kept for ever (seen in the wild).
+            reply.header.rcode = RCODE.NXDOMAIN
+            reply.add_auth(RR("test.", QTYPE.SOA, ttl=86_400, rdata=SOA(
+                "ns.test.", "root.test.", (1, 3600, 600, 86400, 2**31 - 1))))
+            if name.startswith("signed"):
+                reply.add_auth(RR("test.", QTYPE.RRSIG, ttl=86_400, rdata=RRSIG(
+                    QTYPE.SOA, 13, 1, 86_400, 1_900_000_000, 1_800_000_000, 4242, "test.",
+                    b"\x01" * 64)))
         else:
             reply.header.rcode = RCODE.NXDOMAIN
             reply.add_auth(soa)

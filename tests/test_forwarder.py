@@ -246,3 +246,41 @@ async def raw_udp(tg: Running, data: bytes) -> bytes:
         await loop.sock_sendto(sock, data, ("127.0.0.1", tg.port))
         async with asyncio.timeout(2):
             return await loop.sock_recv(sock, 65535)
+
+
+# -- Negative TTLs (RFC 2308 §5) ------------------------------------------------------------------
+
+def _soa(reply: dns.message.Message) -> tuple[int, int]:
+    (rrset,) = [r for r in reply.authority if r.rdtype == dns.rdatatype.SOA]
+    return rrset.ttl, rrset[0].minimum
+
+
+async def test_negative_ttls_are_capped_for_clients(tg: Running) -> None:
+    """The upstream's SOA says TTL 86 400 and MINIMUM 2**31 - 1: clients see
+    dns.max_negative_ttl (3 600) for both, from the upstream and from the cache alike."""
+    for _ in range(2):
+        reply = await query(tg, "longneg.test")
+        assert reply.rcode() == dns.rcode.NXDOMAIN
+        ttl, minimum = _soa(reply)
+        assert ttl <= 3600 and ttl >= 3590 and minimum == 3600
+    assert tg.metrics.sample("tiktokguard_cache_hits_total") == 1
+
+
+async def test_a_signed_soa_keeps_its_minimum_and_only_its_ttl_is_capped(
+        tmp_path: Any, upstream: FakeUpstream) -> None:
+    """MINIMUM is signed data (a validating stub would call a rewritten one bogus); the TTL is
+    not, and min(TTL, MINIMUM) is what a client keeps the answer for: still capped."""
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address],
+                              extra="[dns]\nmax_negative_ttl = 600") as small:
+        reply = await query(small, "signed-longneg.test", do=True)
+        ttl, minimum = _soa(reply)
+        assert ttl == 600 and minimum == 2**31 - 1
+        (rrsig,) = [r for r in reply.authority if r.rdtype == dns.rdatatype.RRSIG]
+        assert rrsig.ttl == 600  # (its TTL is not signed either)
+        ttl, minimum = _soa(await query(small, "longneg.test"))
+        assert (ttl, minimum) == (600, 600)
+        # An answer that is not negative keeps its TTLs (max_ttl applies, not this).
+        positive = await query(small, "a.test")
+        assert positive.answer[0].ttl == 300

@@ -396,7 +396,8 @@ class DnsConfig:
         "No answer is cached, nor handed to clients, with a TTL above this (seconds).")
     max_negative_ttl: int = setting(
         3_600, _int_in(0, 86_400),
-        "Negative answers (NXDOMAIN, NODATA) are cached this long at most (RFC 2308 §5).")
+        "Negative answers (NXDOMAIN, NODATA) are cached this long at most, and clients see "
+        "them so: their SOA's TTL, and its MINIMUM unless signed, capped to it (RFC 2308 §5).")
     tcp_idle_timeout_ms: int = setting(
         10_000, _int_in(100, 600_000),
         "A TCP connection with no complete query or answer for this long is closed "

@@ -158,6 +158,16 @@ def cap_ttls(wire: bytes, ttl_offsets: tuple[int, ...], max_ttl: int) -> bytes:
     return wire if out is None else bytes(out)
 
 
+def cap_negative(wire: bytes, index: RecordIndex, max_negative_ttl: int) -> bytes:
+    """A negative answer (NXDOMAIN, NODATA) with its authority SOA's TTL, and its MINIMUM
+    unless the SOA is signed, lowered to max_negative_ttl: the negative TTL a client derives,
+    min(TTL, MINIMUM) by RFC 2308 §5, is then capped either way. Other answers as they are."""
+    if not index.negative_fields or not (
+            index.rcode == NXDOMAIN or (index.rcode == NOERROR and index.ancount == 0)):
+        return wire
+    return cap_ttls(wire, index.negative_fields, max_negative_ttl)
+
+
 def set_ttls(wire: bytes, ttl_offsets: tuple[int, ...], ttl: int) -> bytes:
     out = bytearray(wire)
     for offset in ttl_offsets:

@@ -38,6 +38,7 @@ from tiktokguard.dns.cache import (
     CacheEntry,
     cache_key,
     cache_ttl,
+    cap_negative,
     cap_ttls,
 )
 from tiktokguard.dns.ratelimit import RateLimiter
@@ -303,6 +304,7 @@ class Pipeline:
                 return self.finish(query, self._error(decision), response(query, SERVFAIL),
                                    client_ip, mac, transport, now, started)
             wire = cap_ttls(wire, index.ttl_offsets, rt.max_ttl)
+            wire = cap_negative(wire, index, rt.max_negative_ttl)
             entry = CacheEntry(wire, index.ttl_offsets, now,
                                now + cache_ttl(index, rt.max_ttl, rt.max_negative_ttl),
                                index.question_end, chain_rule,

@@ -406,6 +406,9 @@ class RecordIndex:
     additional_at: int = 0  # offset of the first additional record (the end, when none)
     ede: bytes = b""  # the upstream OPT's Extended DNS Error options, in wire form
     dnssec_failure: bool = False  # one of those EDEs reports a DNSSEC validation failure
+    # The TTL field of each authority SOA (and of an RRSIG over it), and the SOA's MINIMUM
+    # field unless such an RRSIG is there (rewriting signed data would make it bogus).
+    negative_fields: tuple[int, ...] = ()
 
 
 def index_response(wire: bytes) -> RecordIndex:
@@ -421,6 +424,9 @@ def index_response(wire: bytes) -> RecordIndex:
         opt_span = None
         min_ttl: int | None = None
         negative_ttl: int | None = None
+        soa_ttls: list[int] = []
+        soa_minimums: list[int] = []
+        soa_signed = False
         additional_at = 0
         ede = b""
         before_additional = ancount + nscount
@@ -451,8 +457,16 @@ def index_response(wire: bytes) -> RecordIndex:
                 if rtype == TYPE_SOA and ancount <= index < before_additional:
                     p = _read_name_end(wire, rdata)
                     p = _read_name_end(wire, p)
+                    if p + 20 != end:
+                        raise ValueError("SOA record of the wrong length")
                     minimum = _U32.unpack_from(wire, p + 16)[0]
                     negative_ttl = min(ttl, minimum)
+                    soa_ttls.append(pos + 4)
+                    soa_minimums.append(p + 16)
+                elif (rtype == TYPE_RRSIG and ancount <= index < before_additional
+                      and wire[rdata:rdata + 2] == b"\x00\x06"):
+                    soa_signed = True
+                    soa_ttls.append(pos + 4)  # (an RRSIG's TTL is its RRset's)
             pos = end
         if pos != len(wire):
             raise ValueError("trailing bytes after the last record")
@@ -468,7 +482,8 @@ def index_response(wire: bytes) -> RecordIndex:
         at += 4 + _U16.unpack_from(ede, at + 2)[0]
     return RecordIndex(flags & 0xF, flags, ancount, nscount, arcount, question_end,
                        tuple(ttl_offsets), opt_span, min_ttl, negative_ttl, other_names,
-                       additional_at, ede, dnssec_failure)
+                       additional_at, ede, dnssec_failure,
+                       tuple(soa_ttls + ([] if soa_signed else soa_minimums)))
 
 
 def _ede_options(wire: bytes, pos: int, end: int) -> bytes:
@@ -601,7 +616,8 @@ def strip_opt(wire: bytes, index: RecordIndex) -> tuple[bytes, RecordIndex]:
     stripped = RecordIndex(index.rcode, index.flags, index.ancount, index.nscount,
                            index.arcount - 1, index.question_end, offsets, None,
                            index.min_ttl, index.negative_ttl, index.other_names,
-                           additional_at, index.ede, index.dnssec_failure)
+                           additional_at, index.ede, index.dnssec_failure,
+                           tuple(o - cut if o > start else o for o in index.negative_fields))
     return bytes(out), stripped
 
 
