@@ -27,6 +27,20 @@ async def test_a_device_that_could_never_be_exempt_is_refused(
     assert listing["devices"] == []  # nothing stored
 
 
+@pytest.mark.parametrize("path", ["/api/v1/incidents", "/api/v1/audit"])
+@pytest.mark.parametrize(("param", "value"), [
+    ("limit", "%C2%B2"),  # "²": str.isdigit() says yes, int() says no
+    ("limit", "9" * 5000),  # int() refuses more than 4 300 digits
+    ("offset", "%D9%A1"),  # an Arabic-Indic one
+    ("limit", "-1"), ("limit", "1.5"), ("limit", "0"), ("limit", "1001"), ("offset", ""),
+    ("offset", "1e3"), ("limit", "%201"),
+])
+async def test_numeric_query_parameters_are_400_naming_the_field(
+        api: Api, path: str, param: str, value: str) -> None:  # noqa: F811
+    status, body = await api.call("GET", f"{path}?{param}={value}")
+    assert status == 400 and body["field"] == param, body
+
+
 async def test_decision_refuses_a_url_with_a_hint(api: Api) -> None:  # noqa: F811
     status, body = await api.call(
         "GET", "/api/v1/decision?client=127.0.0.5&name=https%3A%2F%2Fwww.tiktok.com%2F%40u")

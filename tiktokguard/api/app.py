@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -168,11 +169,16 @@ async def _body(request: web.Request) -> Any:
         raise ValidationError(None, "invalid JSON: nested too deeply") from None
 
 
+_DIGITS = re.compile(r"[0-9]{1,12}")
+
+
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     text = request.query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    # ASCII digits only, and few of them: str.isdigit() also takes "²" (which int() refuses)
+    # and other scripts' digits (which int() reads), and int() refuses over 4 300 digits.
+    if not _DIGITS.fullmatch(text) or not low <= int(text) <= high:
         raise ValidationError(name, f"expected a whole number from {low} to {high}")
     return int(text)
 
