@@ -354,3 +354,33 @@ def test_additional_that_fits_keeps_whole_rrsets_in_order(sizes: list[tuple[int,
     if len(kept_rrsets) < len(groups):  # it stopped because the next RRset did not fit
         r.additional = r.additional[:len(kept_rrsets) + 1]
         assert len(r.to_wire()) > limit  # (compression only looks back: same offsets)
+
+
+@pytest.mark.parametrize("hexwire", [
+    # found by a TCP fuzz run (the 47 of 2 606): each answer must parse
+    "b4262fd30001000000000001076578616d706c65036f7267000010000100662904d0000000000016fde9000602005e"
+    "000001000a000831323334353637f8",  # UPDATE, zone of type TXT, with OPT
+    "86124a830001000000000000037777770674696b416f6bc1636f6d000041c501",  # a pointer in the name
+    "70322a7400015f7b00000000000b076578616d706c",  # UPDATE, root zone of type 0x0b07
+    "5dd61bbb0001000000000000046d61736bce1e32130669636c6f756403636f6d0000ff0001",  # pointer
+])
+def test_every_error_answer_parses(hexwire: str) -> None:
+    from tiktokguard.dns.wire import error_response
+
+    with pytest.raises(QueryError) as err:
+        parse_query(bytes.fromhex(hexwire))
+    reply = dns.message.from_wire(error_response(err.value))
+    assert reply.rcode() == dns.rcode.NOTIMP
+    assert not reply.flags & dns.flags.RA and reply.flags & dns.flags.QR
+
+
+def test_a_name_longer_than_255_is_formerr_with_the_opt() -> None:
+    from tiktokguard.dns.wire import error_response
+
+    name = b"".join(b"\x3f" + b"a" * 63 for _ in range(4)) + b"\x00"  # 257 octets
+    wire = (struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 1) + name + b"\x00\x01\x00\x01"
+            + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00")
+    with pytest.raises(QueryError) as err:
+        parse_query(wire)
+    reply = dns.message.from_wire(error_response(err.value))
+    assert reply.rcode() == dns.rcode.FORMERR and reply.edns == 0 and not reply.question

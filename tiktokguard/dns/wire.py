@@ -30,6 +30,7 @@ RA = 0x0080
 AD = 0x0020
 CD = 0x0010
 OPCODE_MASK = 0x7800
+OPCODE_UPDATE = 5 << 11
 
 FORMERR, SERVFAIL, NOTIMP, REFUSED = 1, 2, 4, 5
 BADVERS = 16  # RFC 6891 §6.1.3: extended RCODE, upper 8 bits travel in the OPT TTL
@@ -152,7 +153,16 @@ def parse_query(data: bytes) -> Query:
         raise QueryError(FORMERR, "question name runs past the end", qid=qid,
                          flags=flags) from None
     if pos > 266:  # 255 octets at most, root label included (RFC 1035 §3.1)
-        raise QueryError(FORMERR, "question name longer than 255", qid=qid, flags=flags)
+        # No name to echo, but the query's OPT is still answered with ours (RFC 6891 §7).
+        salvaged = None
+        if pos + 5 <= end:
+            salvaged = Query(qid, flags, b"", b"", 0, 0)
+            if arcount:
+                try:
+                    _read_opt(data, pos + 5, ancount + nscount, arcount, salvaged)
+                except (IndexError, ValueError, QueryError):
+                    salvaged = None
+        raise QueryError(FORMERR, "question name longer than 255", salvaged, qid, flags)
     question_end = pos + 5
     if question_end > end:
         raise QueryError(FORMERR, "question truncated", qid=qid, flags=flags)
@@ -170,16 +180,30 @@ def _salvage(data: bytes) -> Query | None:
     qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
     try:
         pos = 12
-        for _ in range(qdcount):
-            pos = _read_name_end(data, pos) + 4
+        if qdcount == 1:
+            # Echoed as it is, so read as parse_query reads it: no pointer (in the answer it
+            # would point elsewhere), no reserved label type, 255 octets at most.
+            while data[pos]:
+                if data[pos] > 63:
+                    return None
+                pos += data[pos] + 1
+            if pos - 12 > 254:
+                return None
+            pos += 5
+        else:
+            for _ in range(qdcount):
+                pos = _read_name_end(data, pos) + 4
         if pos > len(data):
             return None
-        if qdcount == 1:
-            end = pos - 4
-            query = Query(qid, flags, data[12:end].lower(), data[12:pos],
-                          (data[end] << 8) | data[end + 1], (data[end + 2] << 8) | data[end + 3])
-        else:
+        end = pos - 4
+        qtype = (data[end] << 8) | data[end + 1] if qdcount == 1 else 0
+        if qdcount != 1 or ((flags & OPCODE_MASK) == OPCODE_UPDATE and qtype != TYPE_SOA):
+            # An UPDATE's first section is its zone, of type SOA (RFC 2136 §2.3): one of
+            # another type is no question to echo (and parsers refuse the answer that does).
             query = Query(qid, flags, b"", b"", 0, 0)
+        else:
+            query = Query(qid, flags, data[12:end].lower(), data[12:pos], qtype,
+                          (data[end + 2] << 8) | data[end + 3])
         if arcount:
             _read_opt(data, pos, ancount + nscount, arcount, query)
     except (IndexError, ValueError, QueryError):
@@ -261,8 +285,11 @@ def decode_mac_option(value: bytes) -> bytes | None:
 
 def _flags_for_answer(query_flags: int, rcode: int) -> int:
     """Response flags: QR, the query's opcode and RD and CD, RA since we recurse, and rcode.
-    Never AA: every synthetic answer speaks for a policy, not for the zone."""
-    return QR | RA | (query_flags & (OPCODE_MASK | RD | CD)) | (rcode & 0xF)
+    Never AA: every synthetic answer speaks for a policy, not for the zone. Not RA on NOTIMP:
+    for an opcode we do not implement, whether we recurse says nothing (unbound's answer, and
+    what ISC's EDNS compliance tests expect)."""
+    return (QR | (RA if rcode != NOTIMP else 0) | (query_flags & (OPCODE_MASK | RD | CD))
+            | (rcode & 0xF))
 
 
 def ede_option(info_code: int, text: str) -> bytes:
