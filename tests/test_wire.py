@@ -357,7 +357,8 @@ def test_additional_that_fits_keeps_whole_rrsets_in_order(sizes: list[tuple[int,
 
 
 @pytest.mark.parametrize("hexwire", [
-    # found by a TCP fuzz run (the 47 of 2 606): each answer must parse
+    # found by a TCP fuzz run of mutated queries (9 of 1 505 answers did not parse with
+    # dnspython): each answer must parse
     "b4262fd30001000000000001076578616d706c65036f7267000010000100662904d0000000000016fde9000602005e"
     "000001000a000831323334353637f8",  # UPDATE, zone of type TXT, with OPT
     "86124a830001000000000000037777770674696b416f6bc1636f6d000041c501",  # a pointer in the name

@@ -131,12 +131,17 @@ class CacheEntry:
         return truncate_for_udp(query, out)
 
 
+def _negative(index: RecordIndex) -> bool:
+    """NXDOMAIN, or NODATA (NOERROR with an empty answer section): RFC 2308's two kinds."""
+    return index.rcode == NXDOMAIN or (index.rcode == NOERROR and index.ancount == 0)
+
+
 def cache_ttl(index: RecordIndex, max_ttl: int = MAX_TTL,
               max_negative_ttl: int = MAX_NEGATIVE_TTL) -> int:
     """How long an upstream answer may be cached, in whole seconds (0: do not cache)."""
     if index.rcode == SERVFAIL:
         return SERVFAIL_TTL
-    if index.rcode == NXDOMAIN or (index.rcode == NOERROR and index.ancount == 0):
+    if _negative(index):
         ttl = index.negative_ttl if index.negative_ttl is not None else NEGATIVE_TTL_WITHOUT_SOA
         return min(ttl, max_negative_ttl, max_ttl)
     if index.rcode != NOERROR:
@@ -162,8 +167,7 @@ def cap_negative(wire: bytes, index: RecordIndex, max_negative_ttl: int) -> byte
     """A negative answer (NXDOMAIN, NODATA) with its authority SOA's TTL, and its MINIMUM
     unless the SOA is signed, lowered to max_negative_ttl: the negative TTL a client derives,
     min(TTL, MINIMUM) by RFC 2308 §5, is then capped either way. Other answers as they are."""
-    if not index.negative_fields or not (
-            index.rcode == NXDOMAIN or (index.rcode == NOERROR and index.ancount == 0)):
+    if not index.negative_fields or not _negative(index):
         return wire
     return cap_ttls(wire, index.negative_fields, max_negative_ttl)
 

@@ -139,30 +139,16 @@ def parse_query(data: bytes) -> Query:
         raise QueryError(NOTIMP, "opcode other than QUERY", _salvage(data), qid, flags)
     if qdcount != 1:
         raise QueryError(FORMERR, f"QDCOUNT is {qdcount}", _salvage(data), qid, flags)
-    # Walk the labels to the root label. A length over 63 is a compression pointer or a
-    # reserved label type: neither belongs in a question name.
-    pos = 12
     try:
-        length = data[12]
-        while length:
-            if length > 63:
-                raise QueryError(FORMERR, "bad label in question", qid=qid, flags=flags)
-            pos += length + 1
-            length = data[pos]
+        pos = _question_root(data)
+    except ValueError:
+        raise QueryError(FORMERR, "bad label in question", qid=qid, flags=flags) from None
     except IndexError:
         raise QueryError(FORMERR, "question name runs past the end", qid=qid,
                          flags=flags) from None
-    if pos > 266:  # 255 octets at most, root label included (RFC 1035 §3.1)
+    if pos > QUESTION_ROOT_MAX:
         # No name to echo, but the query's OPT is still answered with ours (RFC 6891 §7).
-        salvaged = None
-        if pos + 5 <= end:
-            salvaged = Query(qid, flags, b"", b"", 0, 0)
-            if arcount:
-                try:
-                    _read_opt(data, pos + 5, ancount + nscount, arcount, salvaged)
-                except (IndexError, ValueError, QueryError):
-                    salvaged = None
-        raise QueryError(FORMERR, "question name longer than 255", salvaged, qid, flags)
+        raise QueryError(FORMERR, "question name longer than 255", _salvage(data), qid, flags)
     question_end = pos + 5
     if question_end > end:
         raise QueryError(FORMERR, "question truncated", qid=qid, flags=flags)
@@ -173,6 +159,25 @@ def parse_query(data: bytes) -> Query:
     return query
 
 
+# Where the root label of a question name of 255 octets ends it (RFC 1035 §3.1).
+QUESTION_ROOT_MAX = 12 + 254
+
+
+def _question_root(data: bytes) -> int:
+    """Offset of the root label that ends the question name at 12, walking its labels. A
+    length over 63 is a compression pointer or a reserved label type: neither belongs in a
+    question name (a pointer there has nothing to point at, and in an answer that echoes it,
+    something else). ValueError for those, IndexError when the name runs past the end."""
+    pos = 12
+    length = data[12]
+    while length:
+        if length > 63:
+            raise ValueError("bad label in question")
+        pos += length + 1
+        length = data[pos]
+    return pos
+
+
 def _salvage(data: bytes) -> Query | None:
     """The question and EDNS of a query that is answered with an error anyway (an opcode we do
     not serve, a QDCOUNT other than 1), read as far as they can be; None when even that fails.
@@ -181,15 +186,7 @@ def _salvage(data: bytes) -> Query | None:
     try:
         pos = 12
         if qdcount == 1:
-            # Echoed as it is, so read as parse_query reads it: no pointer (in the answer it
-            # would point elsewhere), no reserved label type, 255 octets at most.
-            while data[pos]:
-                if data[pos] > 63:
-                    return None
-                pos += data[pos] + 1
-            if pos - 12 > 254:
-                return None
-            pos += 5
+            pos = _question_root(data) + 5  # (echoed as it is: read as parse_query reads it)
         else:
             for _ in range(qdcount):
                 pos = _read_name_end(data, pos) + 4
@@ -197,9 +194,11 @@ def _salvage(data: bytes) -> Query | None:
             return None
         end = pos - 4
         qtype = (data[end] << 8) | data[end + 1] if qdcount == 1 else 0
-        if qdcount != 1 or ((flags & OPCODE_MASK) == OPCODE_UPDATE and qtype != TYPE_SOA):
-            # An UPDATE's first section is its zone, of type SOA (RFC 2136 §2.3): one of
-            # another type is no question to echo (and parsers refuse the answer that does).
+        if qdcount != 1 or end - 1 > QUESTION_ROOT_MAX or (
+                (flags & OPCODE_MASK) == OPCODE_UPDATE and qtype != TYPE_SOA):
+            # No question to echo: none or several, a name over 255 octets, or an UPDATE,
+            # whose first section is its zone, of type SOA (RFC 2136 §2.3): parsers refuse an
+            # answer that echoes a zone of another type.
             query = Query(qid, flags, b"", b"", 0, 0)
         else:
             query = Query(qid, flags, data[12:end].lower(), data[12:pos], qtype,
