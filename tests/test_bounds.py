@@ -665,3 +665,49 @@ async def test_the_store_syncs_every_commit(tmp_path: Any) -> None:
         assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         await store.close()
+
+
+async def test_a_request_the_client_got_wrong_is_counted_not_logged(
+        tmp_path: Any, upstream: Any, capfd: Any) -> None:
+    """A NUL in a header (schemathesis sends one) is a 400 and one count, never a traceback in
+    the daemon's output: no client writes into the log at will."""
+    import asyncio
+
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address], http=True) as tg:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", tg.http_port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: tiktokguard\r\nX-Probe: \x00\r\n\r\n")
+            async with asyncio.timeout(5):
+                reply = await reader.read()
+            writer.close()
+            assert reply.split(b" ")[1] == b"400", reply[:80]
+        assert tg.metrics.sample("tiktokguard_http_malformed_requests_total",
+                                 listener="api") == 3
+    output = capfd.readouterr()
+    assert "Traceback" not in output.out + output.err
+    assert "X-Probe" not in output.out + output.err
+
+
+def test_the_http_server_log_counts_client_faults_and_says_the_rest_in_one_line() -> None:
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from tiktokguard.logs import HttpServerLog
+
+    counted: list[int] = []
+    logger = HttpServerLog("api", lambda: counted.append(1))
+    with capture_logs() as logs:
+        try:
+            raise BadHttpMessage("Invalid header value char")
+        except BadHttpMessage:
+            logger.exception("Error handling request from %s", "192.0.2.1")
+        logger.debug("Error handling request from %s", "192.0.2.1")  # aiohttp: a bad method
+        try:
+            raise RuntimeError("a bug")
+        except RuntimeError:
+            logger.exception("Error handling request from %s", "192.0.2.1")
+    assert counted == [1]
+    assert logs == [{"event": "http_error", "log_level": "error", "listener": "api",
+                     "message": "Error handling request from 192.0.2.1",
+                     "error": "RuntimeError('a bug')"}]

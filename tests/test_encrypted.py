@@ -279,3 +279,18 @@ async def test_a_renewed_certificate_is_used_after_a_reload_without_dropping_con
             return dns.message.from_wire(await reader.readexactly(length))
         assert (await within(5, answer(), "an answer on the old connection")).rcode() == 0
         writer.close()
+
+
+async def test_a_doh_request_that_cannot_be_read_is_counted_not_logged(
+        encrypted: Encrypted, pki: Pki, capfd: pytest.CaptureFixture[str]) -> None:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", encrypted.doh, ssl=pki.client_context(), server_hostname="dns.test")
+    writer.write(b"GET /dns-query?dns=AAA HTTP/1.1\r\nHost: dns.test\r\nX-Probe: \x00\r\n\r\n")
+    async with asyncio.timeout(5):
+        reply = await reader.read(100)
+    writer.close()
+    assert reply.split(b" ")[1] == b"400", reply
+    assert encrypted.tg.metrics.sample("tiktokguard_http_malformed_requests_total",
+                                       listener="doh") == 1
+    output = capfd.readouterr()
+    assert "Traceback" not in output.out + output.err

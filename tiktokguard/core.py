@@ -199,7 +199,8 @@ class DnsCore:
                 self.server, dns.tls_listen, self.tls_context, dns.tcp_idle_timeout_ms / 1000)
             if dns.https_listen:
                 self.doh = await doh.start(self.pipeline.handle, dns.https_listen,
-                                           self.tls_context)
+                                           self.tls_context,
+                                           self.metrics.http_malformed.labels("doh").inc)
         except BaseException:
             self.close()
             raise

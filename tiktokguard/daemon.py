@@ -220,7 +220,8 @@ class Daemon:
                            sync_incidents=self.sync_incidents, decide=self.decide,
                            reload_lists=self.api_reload_lists)
             api = ApiServer(app, self.config.http.listen,
-                            on_refused=self.metrics.api_connections_refused.inc)
+                            on_refused=self.metrics.api_connections_refused.inc,
+                            on_malformed=self.metrics.http_malformed.labels("api").inc)
             await api.start()
             stack.push_async_callback(api.stop)
         await self._task(stack, self._watch_lists())

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 def configure(json: bool | None = None, level: int = logging.INFO) -> None:
@@ -30,6 +32,27 @@ def configure(json: bool | None = None, level: int = logging.INFO) -> None:
 
 def get_logger(name: str = "tiktokguard") -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+class HttpServerLog(logging.Logger):
+    """The `logger=` of an aiohttp server (the API, DoH). A request the client got wrong (a NUL
+    in a header, a bad request line...) is answered 400 by aiohttp and its connection closed:
+    that is counted, not logged, so no client can write tracebacks into the log at will. Any
+    other error aiohttp reports is one `http_error` line."""
+
+    def __init__(self, listener: str, malformed: Callable[[], None]) -> None:
+        super().__init__(f"tiktokguard.{listener}", logging.DEBUG)
+        self.listener = listener
+        self.malformed = malformed
+
+    def handle(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            self.malformed()
+        elif record.levelno >= logging.WARNING:
+            log = get_logger()
+            log.error("http_error", listener=self.listener, message=record.getMessage(),
+                      error=repr(error))
 
 
 # Every event the daemon logs: name → (level, when it is logged). Admins and the SOC filter by
@@ -73,6 +96,9 @@ EVENTS: dict[str, tuple[str, str]] = {
     "token_revoked": ("info", "a personal API token was revoked: name, by whom"),
     "api_auth_failed": ("warning", "an API request with no token or an unknown one: method, "
                                    "path, client address, reason (never the token)"),
+    "http_error": ("error", "the HTTP server (`listener`: api or doh) failed a request other "
+                            "than by the client's fault (a request the client got wrong is "
+                            "only counted)"),
     "http_thread_failed": ("error", "the HTTP API's thread stopped after start (DNS goes on)"),
     "query_failed": ("error", "a query answered SERVFAIL by the pipeline's catch-all: a bug; "
                               "its traceback, once a minute per cause"),

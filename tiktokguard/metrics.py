@@ -249,6 +249,12 @@ class Metrics:
         self.api_connections_refused = Counter(
             "tiktokguard_api_connections_refused", "HTTP connections closed at once: the API "
             "had its maximum open", registry=r)
+        self.http_malformed = Counter(
+            "tiktokguard_http_malformed_requests", "HTTP requests that could not be read (a "
+            "bad request line or header): answered 400, the connection closed", ["listener"],
+            registry=r)
+        for listener in ("api", "doh"):
+            self.http_malformed.labels(listener)
         self.incidents_overflow = Counter(
             "tiktokguard_incidents_overflow", "Blocked queries of a new (client, rule) that found "
             "the open-incident table full (summed into incident_storm events)", registry=r)

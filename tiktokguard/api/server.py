@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from tiktokguard.config import HostPort
-from tiktokguard.logs import get_logger
+from tiktokguard.logs import HttpServerLog, get_logger
 
 MAX_CONNECTIONS = 256
 HEADER_SECONDS = 10.0
@@ -132,10 +132,12 @@ class ApiServer:
     """Runs an aiohttp application on its own thread; start() returns once it is bound."""
 
     def __init__(self, app: web.Application, address: HostPort,
-                 on_refused: Callable[[], None] = lambda: None) -> None:
+                 on_refused: Callable[[], None] = lambda: None,
+                 on_malformed: Callable[[], None] = lambda: None) -> None:
         self.app = app
         self.address = address
         self.on_refused = on_refused
+        self.on_malformed = on_malformed
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -167,7 +169,8 @@ class ApiServer:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
+        runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS,
+                               logger=HttpServerLog("api", self.on_malformed))
         await runner.setup()
         server = None
         try:

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from tiktokguard.config import HostPort
+from tiktokguard.logs import HttpServerLog
 from tiktokguard.policy.clients import client_address
 
 PATH = "/dns-query"
@@ -56,10 +57,12 @@ def make_app(handle: Handle) -> web.Application:
     return app
 
 
-async def start(handle: Handle, listen: tuple[HostPort, ...], context: Any
-                ) -> web.AppRunner:
-    """Listen on every address; raises OSError naming the address."""
-    runner = web.AppRunner(make_app(handle), access_log=None, handle_signals=False)
+async def start(handle: Handle, listen: tuple[HostPort, ...], context: Any,
+                on_malformed: Callable[[], None] = lambda: None) -> web.AppRunner:
+    """Listen on every address; raises OSError naming the address. A request that cannot be
+    read is answered 400 by aiohttp and counted with on_malformed."""
+    runner = web.AppRunner(make_app(handle), access_log=None, handle_signals=False,
+                           logger=HttpServerLog("doh", on_malformed))
     await runner.setup()
     try:
         for address in listen:
