@@ -339,7 +339,7 @@ async def decision(request: web.Request) -> web.Response:
         raise ValidationError("name", "expected a name in ASCII (IDNs in their xn-- form)")
     mac_text = request.query.get("mac")
     try:
-        mac = normalise_mac(mac_text) if mac_text else None
+        mac = normalise_mac(mac_text) if mac_text is not None else None
     except ValueError as exc:
         raise ValidationError("mac", str(exc)) from None
     try:
