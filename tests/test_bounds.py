@@ -708,6 +708,7 @@ def test_the_http_server_log_counts_client_faults_and_says_the_rest_in_one_line(
         except RuntimeError:
             logger.exception("Error handling request from %s", "192.0.2.1")
     assert counted == [1]
+    assert logs[0].pop("exc_info")[0] is RuntimeError  # (rendered as one JSON field)
     assert logs == [{"event": "http_error", "log_level": "error", "listener": "api",
                      "message": "Error handling request from 192.0.2.1",
                      "error": "RuntimeError('a bug')"}]

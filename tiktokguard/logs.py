@@ -38,7 +38,8 @@ class HttpServerLog(logging.Logger):
     """The `logger=` of an aiohttp server (the API, DoH). A request the client got wrong (a NUL
     in a header, a bad request line...) is answered 400 by aiohttp and its connection closed:
     that is counted, not logged, so no client can write tracebacks into the log at will. Any
-    other error aiohttp reports is one `http_error` line."""
+    other error aiohttp reports is one `http_error` line (its traceback, if any, a field of it:
+    a bug in a handler stays visible)."""
 
     def __init__(self, listener: str, malformed: Callable[[], None]) -> None:
         super().__init__(f"tiktokguard.{listener}", logging.DEBUG)
@@ -52,7 +53,7 @@ class HttpServerLog(logging.Logger):
         elif record.levelno >= logging.WARNING:
             log = get_logger()
             log.error("http_error", listener=self.listener, message=record.getMessage(),
-                      error=repr(error))
+                      error=repr(error), exc_info=record.exc_info if error else None)
 
 
 # Every event the daemon logs: name → (level, when it is logged). Admins and the SOC filter by
