@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A long schemathesis run over the whole OpenAPI document, against the real daemon.
 
-    python3 fuzz/api_schema.py                  # 300 cases per operation, every phase
+    python3 fuzz/api_schema.py                  # at most 300 cases per operation
     python3 fuzz/api_schema.py -n 2000 --seed 7 # more, another seed
 
 It starts `tiktokguard serve` in the background on free loopback ports (its config, state and
@@ -23,7 +23,6 @@ import hashlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,17 +30,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.fakes import free_port
+
 CHECKS = ",".join(["not_a_server_error", "status_code_conformance", "content_type_conformance",
                    "response_headers_conformance", "response_schema_conformance",
                    "negative_data_rejection", "missing_required_header",
                    "unsupported_method", "ignored_auth"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], seconds: float) -> None:
@@ -60,7 +56,8 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], seconds: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--max-examples", type=int, default=300,
-                        help="test cases per API operation and phase (default 300)")
+                        help="at most this many test cases per API operation "
+                             "(st run --max-examples; default 300)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--life", type=int, default=900,
                         help="the daemon is stopped after this many seconds (default 900)")

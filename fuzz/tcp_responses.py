@@ -9,10 +9,11 @@ tests/fakes.py) gets valid queries for blocked, allowed and unknown names, with 
 EDNS (ECS, cookies, a MAC option), each mutated: octets flipped, the message cut short,
 octets inserted, header counts set to 0/1/2/255/65535, flags and opcode scrambled. Every
 response frame must be read by dnspython. A query that gets no answer must be one the daemon
-drops on purpose (docs/behaviour.md): shorter than a header (the connection is closed, RFC 7766
-§8) or with QR set (a response is never answered). Prints the counts; exits 1 when a frame
-does not parse or a query goes unanswered for any other reason. tests/test_wire.py keeps the
-cases an earlier run found.
+drops on purpose (docs/behaviour.md, "errors"): with QR set (a response is never answered), or
+shorter than a header (over TCP the connection is then closed, RFC 7766 §8). Prints the
+counts; exits 1 when a frame does not parse, is not the answer to the query just sent (its ID),
+or a query goes unanswered for any other reason.
+tests/test_wire.py keeps the cases an earlier run found.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def seeds() -> list[bytes]:
             for edns in (False, True):
                 query = dns.message.make_query(name, rdtype, use_edns=0 if edns else False,
                                                want_dnssec=edns and rdtype == "A")
+                query.id = len(out)  # (not random: a seed gives the same run every time)
                 if edns and rdtype == "TXT":
                     query.use_edns(0, options=[
                         dns.edns.GenericOption(65001, b"\x02\x00\x5e\x00\x00\x01"),
@@ -92,7 +94,9 @@ async def run(count: int, seed: int) -> int:
     rng = random.Random(seed)
     upstream = await FakeUpstream().start()
     kinds: collections.Counter[str] = collections.Counter()
-    bad: list[tuple[bytes, bytes, str]] = []
+    unparseable: list[tuple[bytes, bytes, str]] = []  # (query, response, error)
+    unanswered: list[tuple[bytes, str]] = []  # (query, why the wait ended)
+    mismatched: list[tuple[bytes, bytes, str]] = []
     frames = 0
     try:
         with tempfile.TemporaryDirectory(prefix="tiktokguard-tcpfuzz-") as folder:
@@ -115,28 +119,32 @@ async def run(count: int, seed: int) -> int:
                         kinds[f"no answer ({why})" if why else
                               f"no answer, unexpected: {type(exc).__name__}"] += 1
                         if why is None:
-                            bad.append((query, b"", type(exc).__name__))
+                            unanswered.append((query, type(exc).__name__))
                         writer.close()
                         writer = None
                         continue
                     frames += 1
+                    if response[:2] != query[:2] or expected_silence(query):
+                        kinds["answered, but not this query (ID) or not to be answered"] += 1
+                        mismatched.append((query, response, "answer to another query"))
                     try:
                         dns.message.from_wire(response)
                     except Exception as exc:  # (every kind is counted)
                         kinds[f"unparseable: {type(exc).__name__}"] += 1
-                        bad.append((query, response, repr(exc)))
+                        unparseable.append((query, response, repr(exc)))
                 if writer is not None:
                     writer.close()
     finally:
         upstream.close()
-    unparseable = sum(1 for _q, r, _e in bad if r)
-    print(f"queries {count}, response frames {frames}, unparseable {unparseable}, "
-          f"unexpectedly unanswered {len(bad) - unparseable}")
+    print(f"queries {count}, response frames {frames}, unparseable {len(unparseable)}, "
+          f"unexpectedly unanswered {len(unanswered)}, mismatched {len(mismatched)}")
     for kind, n in kinds.most_common():
         print(f"  {n:6d} {kind}")
-    for query, response, error in bad[:10]:
+    for query, response, error in (unparseable + mismatched)[:10]:
         print(f"Q {query.hex()}\nR {response.hex()}\nE {error}")
-    return 1 if bad else 0
+    for query, error in unanswered[:10]:
+        print(f"Q {query.hex()}\nno answer: {error}")
+    return 1 if unparseable or unanswered or mismatched else 0
 
 
 def main() -> int:
