@@ -57,9 +57,11 @@ class _Pipeline:
         from types import SimpleNamespace
 
         from tiktokguard.dns.runtime import TcpLimits
+        from tiktokguard.metrics import QueryStats
 
         self.frames: list[bytes] = []
         self.runtime = SimpleNamespace(tcp=TcpLimits(10.0, 10))
+        self.stats = QueryStats()
 
     def handle(self, data: bytes, client_ip: str, transport: str) -> bytes:
         self.frames.append(data)

@@ -190,7 +190,7 @@ async def test_tcp_at_the_cap_sheds_the_longest_idle(tmp_path: Any, upstream: An
         assert await _closed_by_server(first[0])  # ... in the place of the longest idle
         second[1].write(_frame("c.a.test"))
         assert (await _answer(second[0])).answer
-        assert tg.daemon.server.tcp_shed == 1
+        assert tg.daemon.server.governor.closed[("tcp", "shed")] == 1
         for _reader, writer in (first, second, third):
             writer.close()
 
@@ -213,8 +213,39 @@ async def test_tcp_at_the_cap_with_every_connection_busy_refuses_the_newcomer(
         upstream.release()
         for reader, _writer in busy:
             assert (await _answer(reader)).answer
-        assert tg.daemon.server.tcp_refused == 1
+        assert tg.daemon.server.governor.refused[("tcp", "full")] == 1
         for _reader, writer in [*busy, newcomer]:
+            writer.close()
+
+
+async def test_one_prefix_cannot_take_every_tcp_slot(tmp_path: Any, upstream: Any) -> None:
+    """17 addresses of one /24 with 64 busy connections each (1 088: more than the 1 000 slots)
+    hold 64 slots when the /24 is one client: a client of another prefix is answered."""
+    from tests.conftest import running_daemon
+
+    async with running_daemon(tmp_path, [upstream.address],
+                              extra="[dns]\ntcp_client_prefix_v4 = 24\n"
+                                    "upstream_timeout_ms = 20000") as tg:
+        upstream.hold = True  # every query stays in flight: no connection is idle to shed
+        opened = []
+        for host in range(1, 18):
+            for _ in range(64):
+                opened.append(await _connect(tg, f"127.0.9.{host}"))
+                opened[-1][1].write(_frame(f"held{len(opened)}.a.test"))
+        # Accepted in order: once the last is closed, every one before it was decided.
+        assert await _closed_by_server(opened[-1][0])
+        governor = tg.daemon.server.governor
+        assert len(governor) == 64
+        assert governor.refused[("tcp", "per_client")] == 17 * 64 - 64
+        while len(upstream.held) < 64:  # the admitted ones are busy
+            await within(5, upstream.held_changed.wait(), "64 queries at the upstream")
+            upstream.held_changed.clear()
+        other = await _connect(tg, "127.0.0.77")
+        other[1].write(_frame("www.tiktok.com"))  # answered by the policy, not the upstream
+        assert (await _answer(other[0])).rcode() == 3  # NXDOMAIN: the block answer
+        assert governor.closed[("tcp", "shed")] == 0
+        upstream.release()
+        for _reader, writer in [*opened, other]:
             writer.close()
 
 

@@ -404,11 +404,20 @@ class DnsConfig:
         "(RFC 7766 §6.2.3).")
     max_tcp_connections: int = setting(
         1000, _int_in(1, 1_000_000),
-        "Open TCP connections at most, over all listeners; a newcomer sheds the longest idle.")
+        "Open TCP and DoT connections at most, over all listeners; a newcomer sheds the "
+        "longest idle.")
     max_tcp_per_client: int = setting(
         64, _int_in(1, 1_000_000),
-        "Open TCP connections per client address at most; more are closed at once (a relay "
-        "that speaks for a whole segment may need more).")
+        "Open TCP and DoT connections per client prefix (tcp_client_prefix_v4/_v6) at "
+        "most; more are closed at accept (a relay that speaks for a whole segment may need "
+        "more).")
+    tcp_client_prefix_v4: int = setting(
+        32, _int_in(8, 32),
+        "The IPv4 prefix length that max_tcp_per_client counts per: 32 is per address.")
+    tcp_client_prefix_v6: int = setting(
+        64, _int_in(16, 128),
+        "The IPv6 prefix length that max_tcp_per_client counts per: 64, since one host "
+        "commonly has a /64 to pick addresses from.")
     workers: int = setting(
         1, _int_in(1, 64),
         "Processes answering DNS on the same ports (SO_REUSEPORT); more use more cores.",

@@ -162,7 +162,8 @@ class DnsCore:
         blocks = BlockAnswers(policy.block_mode, policy.block_ttl, policy.redirect_ipv4,
                               policy.redirect_ipv6)
         tcp = TcpLimits(dns.tcp_idle_timeout_ms / 1000, dns.max_tcp_connections,
-                        dns.max_tcp_per_client)
+                        dns.max_tcp_per_client, dns.tcp_client_prefix_v4,
+                        dns.tcp_client_prefix_v6)
         ddr = None
         if dns.tls_name and (dns.tls_listen or dns.https_listen):
             ddr = DdrAnswer(dns.tls_name, tuple(sorted({a.port for a in dns.tls_listen})),

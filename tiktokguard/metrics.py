@@ -39,6 +39,10 @@ WEBHOOK_DROP_REASONS = ("queue_full", "unreachable", "http_4xx", "http_5xx")
 MALFORMED_REASONS = ("short", "formerr", "notimp", "badvers")
 NETFILTER_EVENTS = ("added", "refreshed", "expired", "errors", "shadow_resolved",
                     "shadow_skipped")
+STREAM_TRANSPORTS = ("tcp", "dot", "doh")
+REFUSAL_REASONS = ("stopping", "not_allowed", "per_client", "full")  # dns/governor.py
+# Why the daemon closed an admitted connection: shed for a newcomer, or a deadline passed.
+CLOSE_REASONS = ("shed", "idle")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -67,6 +71,12 @@ class QueryStats(Collector):
         self.rate_limited = 0
         self.stale_answers = 0
         self.netfilter: dict[str, int] = dict.fromkeys(NETFILTER_EVENTS, 0)
+        # Stream connections (TCP, DoT, DoH) refused at accept and closed by the daemon, by
+        # (transport, reason); dns/governor.py counts them.
+        self.connections_refused: dict[tuple[str, str], int] = {
+            (t, r): 0 for t in STREAM_TRANSPORTS for r in REFUSAL_REASONS}
+        self.connections_closed: dict[tuple[str, str], int] = {
+            (t, r): 0 for t in STREAM_TRANSPORTS for r in CLOSE_REASONS}
         self.others: list[QueryStats] = []  # the workers' latest snapshots (main process)
 
     def observe(self, seconds: float) -> None:
@@ -198,6 +208,19 @@ class QueryStats(Collector):
         shadow.add_metric(["resolved"], nf["shadow_resolved"])
         shadow.add_metric(["skipped"], nf["shadow_skipped"])
         yield shadow
+        refused = CounterMetricFamily(
+            "tiktokguard_stream_connections_refused", "Stream connections refused by the "
+            "connection governor (closed at once), by reason", labels=["transport", "reason"])
+        for (transport, reason), n in stats.connections_refused.items():
+            refused.add_metric([transport, reason], n)
+        yield refused
+        closed = CounterMetricFamily(
+            "tiktokguard_stream_connections_closed", "Admitted stream connections the "
+            "daemon closed: shed for a newcomer, or a deadline passed", labels=["transport",
+                                                                                "reason"])
+        for (transport, reason), n in stats.connections_closed.items():
+            closed.add_metric([transport, reason], n)
+        yield closed
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()
@@ -206,12 +229,13 @@ class QueryStats(Collector):
 _FIELDS = ("queries", "blocked", "malformed", "cache_hits", "cache_misses", "latency",
            "latency_sum", "upstream_latency", "upstream_latency_sum", "upstream_errors",
            "upstream_recent",
-           "neighbour_errors", "rate_limited", "stale_answers", "netfilter")
+           "neighbour_errors", "rate_limited", "stale_answers", "netfilter", "connections_refused",
+           "connections_closed")
 
 
 def _add(total: QueryStats, other: QueryStats) -> None:
     for attr in ("queries", "blocked", "malformed", "upstream_errors", "upstream_latency_sum",
-                 "netfilter"):
+                 "netfilter", "connections_refused", "connections_closed"):
         mine, theirs = getattr(total, attr), getattr(other, attr)
         for key, n in theirs.items():
             mine[key] = mine.get(key, 0) + n

@@ -21,7 +21,9 @@ from tiktokguard.policy.engine import PolicyEngine
 class TcpLimits:
     idle_timeout: float = 10.0  # seconds without a complete message (RFC 7766 §6.2.3)
     max_connections: int = 1000  # over all listeners; a newcomer sheds the longest idle
-    max_per_client: int = 64
+    max_per_client: int = 64  # per client prefix (below)
+    prefix_v4: int = 32  # the client prefix a connection counts against, IPv4 ...
+    prefix_v6: int = 64  # ... and IPv6 (one host has its /64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ One client must not be able to take TCP from everyone else:
   MAX_PIPELINE of its queries are in flight; so memory per connection stays bounded;
 - the idle timer counts from the last complete query or answer: bytes trickled in without
   completing a message keep no connection open;
-- at most `max_tcp_per_client` connections per source address, and when all
+- the connection governor (dns/governor.py) admits or refuses a connection at accept:
+  `allow_clients`, at most `max_tcp_per_client` connections per client prefix, and when all
   `max_tcp_connections` are taken a newcomer sheds the connection idle the longest;
 - a client that half-closes (sends its queries, then FIN) still gets its answers.
 """
@@ -26,6 +27,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from tiktokguard.config import HostPort
+from tiktokguard.dns.governor import Governor
 from tiktokguard.dns.pipeline import Pipeline
 from tiktokguard.policy.clients import client_address
 
@@ -43,18 +45,24 @@ UDP_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 class ServerState:
-    """What the listeners share: the pipeline and the tasks of queries in flight."""
+    """What the listeners share: the pipeline, the connection governor and the tasks of
+    queries in flight."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline  # its runtime holds the TCP limits in force (a reload swaps it)
-        # Open TCP connections, the one idle longest first (moved to the end on activity).
-        self.tcp_connections: OrderedDict[TcpProtocol, None] = OrderedDict()
-        self.tcp_per_client: dict[str, int] = {}
-        self.tcp_refused = 0  # newcomers closed at once (per-client cap, or nothing to shed)
-        self.tcp_shed = 0  # idle connections closed to make room for a newcomer
+        stats = pipeline.stats
+        self.governor = Governor(
+            lambda: self.pipeline.runtime.tcp,
+            lambda ip: self.pipeline.runtime.engine.classifier.allows(ip),
+            stats.connections_refused, stats.connections_closed)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.servers: list[asyncio.Server] = []
         self.stopping = False
+
+    @property
+    def tcp_connections(self) -> OrderedDict[Any, None]:
+        """The open stream connections, the one idle longest first."""
+        return self.governor.connections
 
     def idle_timeout(self) -> float:
         return self.pipeline.runtime.tcp.idle_timeout
@@ -66,39 +74,16 @@ class ServerState:
         return task
 
     def admit(self, connection: TcpProtocol) -> bool:
-        """Room for a new connection from this client? Sheds the longest-idle connection
-        when every slot is taken; False when the client has its share or nothing is idle."""
-        client = connection.client_ip
-        limits = self.pipeline.runtime.tcp
-        if self.tcp_per_client.get(client, 0) >= limits.max_per_client:
-            self.tcp_refused += 1
-            return False
-        if len(self.tcp_connections) >= limits.max_connections:
-            for other in self.tcp_connections:  # longest idle first
-                if other.idle():
-                    other.close()
-                    self.tcp_shed += 1
-                    break
-            else:
-                self.tcp_refused += 1
-                return False
-        self.tcp_connections[connection] = None
-        self.tcp_per_client[client] = self.tcp_per_client.get(client, 0) + 1
-        return True
+        """Room for a new connection? (dns/governor.py: counted when not.)"""
+        return self.governor.refusal(connection) is None
 
     def release(self, connection: TcpProtocol) -> None:
-        if self.tcp_connections.pop(connection, False) is None:
-            client = connection.client_ip
-            left = self.tcp_per_client.get(client, 1) - 1
-            if left:
-                self.tcp_per_client[client] = left
-            else:
-                self.tcp_per_client.pop(client, None)
+        self.governor.release(connection)
 
     def stop_accepting(self) -> None:
         """Shutdown, first step: take no new queries, keep the sockets to answer those in
         flight. UDP datagrams are ignored, TCP listeners closed, TCP connections not read."""
-        self.stopping = True
+        self.stopping = self.governor.stopping = True
         for server in self.servers:
             server.close()
         for connection in self.tcp_connections:
@@ -155,6 +140,7 @@ class TcpProtocol(asyncio.Protocol):
         self.label = label
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
+        self.client_key: str | bytes = ""
         self.buffer = bytearray()
         self.inflight = 0
         self.reading = True
@@ -167,7 +153,7 @@ class TcpProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client_ip = client_address(peer[0]) if peer else ""
-        if self.state.stopping or not self.state.admit(self):
+        if not self.state.admit(self):
             self.transport = None
             transport.close()
             return
@@ -182,9 +168,6 @@ class TcpProtocol(asyncio.Protocol):
             self.idle_handle.cancel()
         self.transport = None
 
-    def idle(self) -> bool:
-        return self.inflight == 0
-
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -194,9 +177,7 @@ class TcpProtocol(asyncio.Protocol):
         idle timer starts again, and this connection moves to the back of the shedding order.
         (An answer given at once needs no second call: its query just made one.)"""
         self.last_active = time.monotonic()  # (the clock of loop.time(), in asyncio and uvloop)
-        connections = self.state.tcp_connections
-        if self in connections:
-            connections.move_to_end(self)
+        self.state.governor.touch(self)
 
     def _check_idle(self) -> None:
         """RFC 7766 §6.2.3: close a connection idle for the timeout; one with queries in
@@ -207,6 +188,7 @@ class TcpProtocol(asyncio.Protocol):
         timeout = self.state.idle_timeout()
         left = self.last_active + timeout - time.monotonic()
         if left <= 0 and self.inflight == 0:
+            self.state.governor.closed[(self.label, "idle")] += 1
             self.transport.close()
             return
         self.idle_handle = asyncio.get_running_loop().call_later(max(left, timeout / 4),

@@ -201,6 +201,10 @@ class ClientClassifier:
             self._memo[ip] = memo
         return memo
 
+    def allows(self, ip: str) -> bool:
+        """Is ip inside dns.allow_clients? (The stream listeners ask at accept.)"""
+        return self._networks(ip)[0]
+
     def trusts_mac_from(self, ip: str) -> bool:
         return self._networks(ip)[2]
 
