@@ -72,7 +72,8 @@ async def encrypted(tmp_path: Path, upstream: FakeUpstream, pki: Pki
     dot, doh = free_port(), free_port()
     extra = (f'[dns]\ntls_listen = ["127.0.0.1:{dot}"]\nhttps_listen = ["127.0.0.1:{doh}"]\n'
              f'tls_certificate = "{pki.certificate}"\ntls_private_key = "{pki.key}"\n'
-             'tls_name = "dns.test"\ntcp_idle_timeout_ms = 500\n')
+             'tls_name = "dns.test"\ntcp_idle_timeout_ms = 500\n'
+             'tls_handshake_timeout_ms = 500\n')
     async with running_daemon(tmp_path, [upstream.address], extra=extra) as tg:
         yield Encrypted(tg, dot, doh)
 
@@ -154,10 +155,34 @@ async def test_a_client_that_never_finishes_the_handshake_is_dropped(
                                          server_hostname="dns.test", timeout=5)
         assert reply.rcode() == dns.rcode.NOERROR  # others are served meanwhile
         assert asyncio.get_running_loop().time() - started < 0.5
-        async with asyncio.timeout(5):  # dropped after the idle timeout (0.5 s here)
+        async with asyncio.timeout(5):  # dropped after the handshake timeout (0.5 s here)
             assert await reader.read() == b""
+        assert encrypted.tg.metrics.sample("tiktokguard_stream_connections_closed_total",
+                                           transport="dot", reason="handshake_timeout") == 1
     finally:
         writer.close()
+
+
+async def test_dot_over_its_share_is_closed_before_any_tls(encrypted: Encrypted,
+                                                           pki: Pki) -> None:
+    """The governor decides on the plain socket: the 65th connection of one address is closed
+    without a TLS object being made, while the 64 before it wait for their handshake."""
+    held = [await asyncio.open_connection("127.0.0.1", encrypted.dot, local_addr=("127.0.0.9", 0))
+            for _ in range(65)]
+    try:
+        async with asyncio.timeout(5):
+            assert await held[-1][0].read() == b""
+        assert encrypted.tg.metrics.sample("tiktokguard_stream_connections_refused_total",
+                                           transport="dot", reason="per_client") == 1
+        assert len(encrypted.tg.daemon.server.governor) == 64
+        reply = await dns.asyncquery.tls(dns.message.make_query("www.a.test", "A"), "127.0.0.1",
+                                         port=encrypted.dot, source=MANAGED,
+                                         ssl_context=pki.client_context(),
+                                         server_hostname="dns.test", timeout=5)
+        assert reply.rcode() == dns.rcode.NOERROR  # another address is served meanwhile
+    finally:
+        for _reader, writer in held:
+            writer.close()
 
 
 def test_a_bad_certificate_is_a_config_error_naming_the_key(tmp_path: Path,

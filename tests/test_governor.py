@@ -84,7 +84,7 @@ def test_outsiders_and_shutdown_are_refused_first() -> None:
 def test_every_counter_exists_from_the_start() -> None:
     gov, _ = governor()
     assert len(gov.refused) == 3 * 4 and set(gov.refused.values()) == {0}
-    assert len(gov.closed) == 3 * 2
+    assert len(gov.closed) == 3 * 4
 
 
 def test_the_key_memo_is_bounded() -> None:

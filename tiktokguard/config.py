@@ -434,6 +434,10 @@ class DnsConfig:
     https_listen: tuple[HostPort, ...] = setting(
         (), _list_of(HOSTPORT), "DNS over HTTPS (RFC 8484, path /dns-query, HTTP/1.1) on these "
         "addresses, e.g. [\"0.0.0.0:443\"].", reload=False)
+    tls_handshake_timeout_ms: int = setting(
+        10_000, _int_in(100, 120_000),
+        "A DoT connection that has not finished its TLS handshake this long after it was "
+        "accepted is closed.", reload=False)
     tls_certificate: str = setting(
         "", PATH, "PEM certificate chain of the encrypted listeners (re-read on SIGHUP).")
     tls_private_key: str = setting(

@@ -197,7 +197,8 @@ class DnsCore:
                                               Path(dns.tls_private_key))
         try:
             self.listeners += await start_tls_listeners(
-                self.server, dns.tls_listen, self.tls_context, dns.tcp_idle_timeout_ms / 1000)
+                self.server, dns.tls_listen, self.tls_context,
+                dns.tls_handshake_timeout_ms / 1000)
             if dns.https_listen:
                 self.doh = await doh.start(self.pipeline.handle, dns.https_listen,
                                            self.tls_context,

@@ -42,7 +42,7 @@ NETFILTER_EVENTS = ("added", "refreshed", "expired", "errors", "shadow_resolved"
 STREAM_TRANSPORTS = ("tcp", "dot", "doh")
 REFUSAL_REASONS = ("stopping", "not_allowed", "per_client", "full")  # dns/governor.py
 # Why the daemon closed an admitted connection: shed for a newcomer, or a deadline passed.
-CLOSE_REASONS = ("shed", "idle")
+CLOSE_REASONS = ("shed", "idle", "handshake_timeout", "handshake_failed")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0)
 

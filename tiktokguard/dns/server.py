@@ -24,7 +24,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 from tiktokguard.config import HostPort
 from tiktokguard.dns.governor import Governor
@@ -135,9 +135,12 @@ class TcpProtocol(asyncio.Protocol):
     """DNS over TCP (RFC 7766), and over TLS (RFC 7858: the same framing inside TLS; asyncio's
     SSL transport hands over the plaintext, so `label` is all that differs)."""
 
-    def __init__(self, state: ServerState, label: str = "tcp") -> None:
+    def __init__(self, state: ServerState, label: str = "tcp",
+                 tls: ssl.SSLContext | None = None, handshake_timeout: float = 10.0) -> None:
         self.state = state
         self.label = label
+        self.tls = tls  # DoT: the handshake starts once the governor has admitted the socket
+        self.handshake_timeout = handshake_timeout
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.client_key: str | bytes = ""
@@ -148,6 +151,10 @@ class TcpProtocol(asyncio.Protocol):
         self.eof = False  # the client half-closed: answer what is in flight, then close
         self.last_active = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.handshake: asyncio.Task[None] | None = None
+        # DoT between the end of the handshake and start_tls's return: the plaintext that
+        # arrives is kept, and answered once the TLS transport is ours.
+        self.tls_pending = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -157,10 +164,48 @@ class TcpProtocol(asyncio.Protocol):
             self.transport = None
             transport.close()
             return
-        transport.set_write_buffer_limits(high=OUTPUT_HIGH, low=OUTPUT_LOW)  # type: ignore[attr-defined]
+        if self.tls is not None:
+            # Admitted as a plain socket: only now is a TLS object made, and the handshake
+            # has its own deadline (docs/design.md §6).
+            plain = cast(asyncio.Transport, transport)
+            plain.pause_reading()
+            self.tls_pending = True
+            # (not among the state's tasks: shutdown need not wait for a handshake)
+            self.handshake = asyncio.get_running_loop().create_task(
+                self._start_tls(plain, self.tls))
+            return
+        self._serve(cast(asyncio.Transport, transport))
+
+    async def _start_tls(self, plain: asyncio.Transport, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        governor = self.state.governor
+        try:
+            wrapped = await loop.start_tls(plain, self, context, server_side=True,
+                                           ssl_handshake_timeout=self.handshake_timeout)
+        except Exception:  # the deadline, a reset, a client that speaks no TLS
+            if self in governor.connections:  # (not shed meanwhile: counted as such)
+                late = loop.time() - started >= self.handshake_timeout * 0.99
+                governor.closed[(self.label, "handshake_timeout" if late
+                                 else "handshake_failed")] += 1
+            plain.close()
+            self.connection_lost(None)
+            return
+        if wrapped is None or self not in governor.connections:  # shed or lost meanwhile
+            if wrapped is not None:
+                wrapped.close()
+            return
+        self._serve(wrapped)
+
+    def _serve(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.tls_pending = False
+        transport.set_write_buffer_limits(high=OUTPUT_HIGH, low=OUTPUT_LOW)
         self.last_active = time.monotonic()
         self.idle_handle = asyncio.get_running_loop().call_later(self.state.idle_timeout(),
                                                                  self._check_idle)
+        if self.buffer or self.eof:  # (what arrived right after the handshake)
+            self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.release(self)
@@ -203,6 +248,8 @@ class TcpProtocol(asyncio.Protocol):
     def _process(self) -> None:
         """Answer the complete frames in the buffer while the client reads its answers and
         the pipeline has room; then read more, or stop reading until it does."""
+        if self.tls_pending:
+            return
         buffer = self.buffer
         while (self.writable and self.inflight < MAX_PIPELINE and len(buffer) >= 2
                and self.transport is not None):
@@ -301,18 +348,18 @@ def _udp_socket(address: HostPort, reuse_port: bool = False) -> socket.socket:
 async def start_tls_listeners(state: ServerState, listen: tuple[HostPort, ...],
                               context: ssl.SSLContext, handshake_timeout: float
                               ) -> list[asyncio.Server]:
-    """DNS over TLS on every address (RFC 7858). A client that does not finish its handshake
-    within handshake_timeout is dropped; the connection then counts against the same TCP
-    limits as plain TCP. Raises OSError naming the address."""
+    """DNS over TLS on every address (RFC 7858). Each socket is accepted as plain TCP and put
+    to the governor first; an admitted one that does not finish its handshake within
+    handshake_timeout is dropped. Raises OSError naming the address."""
     loop = asyncio.get_running_loop()
     opened: list[asyncio.Server] = []
     try:
         for address in listen:
             try:
                 server = await loop.create_server(
-                    lambda: TcpProtocol(state, "dot"), address.host, address.port,
-                    family=_family(address.host), reuse_address=True, backlog=1024,
-                    ssl=context, ssl_handshake_timeout=handshake_timeout)
+                    lambda: TcpProtocol(state, "dot", context, handshake_timeout),
+                    address.host, address.port, family=_family(address.host),
+                    reuse_address=True, backlog=1024)
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {address} (tls): "
                                          f"{exc.strerror}") from None
