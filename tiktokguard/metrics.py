@@ -41,7 +41,7 @@ NETFILTER_EVENTS = ("added", "refreshed", "expired", "errors", "shadow_resolved"
                     "shadow_skipped")
 STREAM_TRANSPORTS = ("tcp", "dot", "doh")
 REFUSAL_REASONS = ("stopping", "not_allowed", "per_client", "full")  # dns/governor.py
-# Why the daemon closed an admitted connection: shed for a newcomer, or a deadline passed.
+# Why the daemon closed an admitted connection: shed for a newcomer, a deadline, a failed handshake.
 CLOSE_REASONS = ("shed", "idle", "handshake_timeout", "handshake_failed")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0)
@@ -216,8 +216,8 @@ class QueryStats(Collector):
         yield refused
         closed = CounterMetricFamily(
             "tiktokguard_stream_connections_closed", "Admitted stream connections the "
-            "daemon closed: shed for a newcomer, or a deadline passed", labels=["transport",
-                                                                                "reason"])
+            "daemon closed: shed for a newcomer, a deadline passed, or its TLS handshake "
+            "failed", labels=["transport", "reason"])
         for (transport, reason), n in stats.connections_closed.items():
             closed.add_metric([transport, reason], n)
         yield closed
